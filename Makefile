@@ -1,0 +1,148 @@
+# Kernel-style build: configure (make menuconfig, make defconfig-<preset>),
+# generate the typed settings from .config, train. `make help` lists it all.
+#
+# Every Python command runs in $(VENV), which `make deps` creates from
+# pyproject.toml the first time it is needed (VENV=path uses another one).
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-stamp
+
+KCONFIG_CONFIG ?= .config
+export KCONFIG_CONFIG
+KCONFIG := $(PY) -m scripts.kconfig
+SETTINGS := generated/settings.py
+DEFAULT_DEFCONFIG := gpt2-tiny
+NPROC ?= 1
+
+# Presets: every file in defconfigs/ (its fragments/ folder holds fragments).
+DEFCONFIGS := $(sort $(notdir $(filter-out $(patsubst %/,%,$(wildcard defconfigs/*/)),$(wildcard defconfigs/*))))
+DEFCONFIG_TARGETS := $(addprefix defconfig-,$(DEFCONFIGS))
+FRAGMENT_ARGS := $(foreach f,$(FRAGMENT),--fragment $(f))
+
+# The settings depend on every Kconfig file (hidden folders such as .venv and
+# .git, and the run and data folders, are not searched) and on the generator.
+KCONFIG_FILES := $(patsubst ./%,%,$(shell find . \( -path './.*' -o -path ./runs -o -path ./data_cache \) -prune \
+                   -o -type f -name 'Kconfig*' -print))
+KCONFIG_TOOL := $(wildcard scripts/kconfig/*.py)
+
+HELP_LINE := printf '  %-26s %s\n'
+
+.DEFAULT_GOAL := help
+.PHONY: help menuconfig defconfig $(DEFCONFIG_TARGETS) olddefconfig oldconfig savedefconfig listnewconfig \
+        list-defconfigs diffconfig setconfig settings train sample test bench report clean mrproper distclean deps
+
+help:
+	@echo 'Configuration (.config; KCONFIG_CONFIG=path for another file):'
+	@$(HELP_LINE) menuconfig 'Edit .config in menus (kconfiglib); saved only if it passes the checks'
+	@$(HELP_LINE) defconfig '.config from the default preset defconfigs/$(DEFAULT_DEFCONFIG); FRAGMENT="a b" merges defconfigs/fragments/{a,b}.config'
+	@$(foreach d,$(DEFCONFIGS),$(HELP_LINE) 'defconfig-$(d)' '.config from the preset defconfigs/$(d); FRAGMENT= as for defconfig';)
+	@$(HELP_LINE) olddefconfig 'Update .config to the Kconfig files, new symbols at their defaults'
+	@$(HELP_LINE) oldconfig 'Update .config to the Kconfig files, asking for each new symbol'
+	@$(HELP_LINE) savedefconfig 'Save the minimal form of .config as ./defconfig (a preset for defconfigs/)'
+	@$(HELP_LINE) listnewconfig 'List the settable symbols that .config does not set'
+	@$(HELP_LINE) list-defconfigs 'List the presets and fragments'
+	@$(HELP_LINE) diffconfig 'Show what differs between A= and B= (default: .config.old and .config)'
+	@$(HELP_LINE) setconfig 'Set symbols in .config, checked: make setconfig SET="LR=1e-3 SPAM_INTERVAL=500"'
+	@$(HELP_LINE) settings 'Generate $(SETTINGS) from .config (done by train and sample when needed)'
+	@echo 'Training:'
+	@$(HELP_LINE) train 'Train with the settings (NPROC=N: N processes with torch.distributed.run)'
+	@$(HELP_LINE) sample 'Print a text sample from the latest checkpoint of the configured run'
+	@$(HELP_LINE) report 'Write the training-health report of a run: make report RUN=runs/<name>'
+	@$(HELP_LINE) bench 'Run the benchmarks'
+	@$(HELP_LINE) test 'Run the test suite'
+	@echo 'Housekeeping:'
+	@$(HELP_LINE) deps 'Create $(VENV) and install the pinned dependencies of pyproject.toml'
+	@$(HELP_LINE) clean 'Remove generated files ($(dir $(SETTINGS)), Python caches)'
+	@$(HELP_LINE) mrproper 'clean, and remove .config, .config.old and ./defconfig'
+	@$(HELP_LINE) distclean 'mrproper, and remove .venv (runs/ and data_cache/ are kept)'
+	@$(HELP_LINE) help 'This list'
+
+# ---------------------------------------------------------------------------
+# Python environment
+
+deps: $(DEPS_STAMP)
+
+# torch is installed first, pinned, so that pip takes the CPU wheel from its
+# find-links instead of resolving the range in pyproject.toml to the newest
+# CUDA build (several GB).
+$(DEPS_STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install 'torch==2.13.0'
+	$(PY) -m pip install -e '.[test]'
+	@touch $@
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+# No .config yet: start from the default preset.
+$(KCONFIG_CONFIG): | $(DEPS_STAMP)
+	@echo 'note: no $@ yet, creating it from the default preset defconfigs/$(DEFAULT_DEFCONFIG)'
+	@$(KCONFIG) defconfig defconfigs/$(DEFAULT_DEFCONFIG)
+
+menuconfig: $(KCONFIG_CONFIG) | $(DEPS_STAMP)
+	@$(KCONFIG) menuconfig
+
+defconfig: | $(DEPS_STAMP)
+	@$(KCONFIG) defconfig defconfigs/$(DEFAULT_DEFCONFIG) $(FRAGMENT_ARGS)
+
+$(DEFCONFIG_TARGETS): defconfig-%: | $(DEPS_STAMP)
+	@$(KCONFIG) defconfig defconfigs/$* $(FRAGMENT_ARGS)
+
+olddefconfig oldconfig listnewconfig: $(KCONFIG_CONFIG) | $(DEPS_STAMP)
+	@$(KCONFIG) $@
+
+savedefconfig: $(KCONFIG_CONFIG) | $(DEPS_STAMP)
+	@$(KCONFIG) savedefconfig defconfig
+
+list-defconfigs: | $(DEPS_STAMP)
+	@$(KCONFIG) list-defconfigs
+
+diffconfig: | $(DEPS_STAMP)
+	@$(KCONFIG) diffconfig $(A) $(B)
+
+# SET is split and unquoted by the shell: SET='OUT_DIR="runs/my run" LR=1e-3'
+setconfig: $(KCONFIG_CONFIG) | $(DEPS_STAMP)
+	@$(KCONFIG) setconfig $(SET)
+
+settings: $(SETTINGS)
+
+# A real file: regenerated only when .config, a Kconfig file or the generator changes.
+$(SETTINGS): $(KCONFIG_CONFIG) $(KCONFIG_FILES) $(KCONFIG_TOOL) | $(DEPS_STAMP)
+	@$(KCONFIG) settings $@
+
+# ---------------------------------------------------------------------------
+# Training and tools
+
+# NPROC=N > 1: one process per device (or CPU worker), started by torchrun
+TRAIN := $(if $(filter-out 0 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train,$(PY) -m train)
+
+train: $(SETTINGS) | $(DEPS_STAMP)
+	$(TRAIN)
+
+sample: $(SETTINGS) | $(DEPS_STAMP)
+	@$(PY) -m train.sample
+
+report: | $(DEPS_STAMP)
+	@test -n '$(RUN)' || { echo 'make report: name the run folder, e.g. make report RUN=runs/gpt2-tiny' >&2; exit 1; }
+	@$(PY) -m monitor.report $(RUN)
+
+bench: | $(DEPS_STAMP)
+	@$(PY) -m scripts.bench
+
+test: | $(DEPS_STAMP)
+	$(PY) -m pytest -q tests
+
+# ---------------------------------------------------------------------------
+# Housekeeping (runs/ and data_cache/ hold results and downloads: never removed)
+
+clean:
+	rm -rf $(dir $(SETTINGS)) .pytest_cache
+	find . -path './.*' -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+mrproper: clean
+	rm -f $(KCONFIG_CONFIG) $(KCONFIG_CONFIG).old defconfig
+
+distclean: mrproper
+	rm -rf .venv *.egg-info

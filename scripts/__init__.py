@@ -1,0 +1,1 @@
+"""Project tools run with `python -m scripts.<tool>` from the repository root."""
