@@ -1,0 +1,64 @@
+"""Cache directory and crash-safe file writing shared by the data pipelines.
+
+Every file a pipeline produces is written to a temporary name in the same folder
+and then renamed over the target: a rename within one filesystem is atomic, so a
+reader (or a resumed preparation) never sees a half-written file.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA_DIR = "data_cache"
+
+
+def data_dir(path=None):
+    """The cache folder (cfg.DATA_DIR, default "data_cache"), created if missing."""
+    d = Path(path if path else DEFAULT_DATA_DIR)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def sha256_file(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; rename it onto `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache files are ordinary readable files
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def atomic_save_npy(path, array):
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object stops np.save from appending ".npy"
+            np.save(f, array)
