@@ -17,8 +17,8 @@ DEFAULT_DEFCONFIG := gpt2-tiny
 NPROC ?= 1
 
 # Presets: every file in defconfigs/ (its fragments/ folder holds fragments).
-DEFCONFIGS := $(sort $(notdir $(filter-out $(patsubst %/,%,$(wildcard defconfigs/*/)),$(wildcard defconfigs/*))))
-DEFCONFIG_TARGETS := $(addprefix defconfig-,$(DEFCONFIGS))
+PRESET_NAMES := $(sort $(notdir $(filter-out $(patsubst %/,%,$(wildcard defconfigs/*/)),$(wildcard defconfigs/*))))
+DEFCONFIG_TARGETS := $(addprefix defconfig-,$(PRESET_NAMES))
 FRAGMENT_ARGS := $(foreach f,$(FRAGMENT),--fragment $(f))
 
 # The settings depend on every Kconfig file (hidden folders such as .venv and
@@ -31,13 +31,14 @@ HELP_LINE := printf '  %-26s %s\n'
 
 .DEFAULT_GOAL := help
 .PHONY: help menuconfig defconfig $(DEFCONFIG_TARGETS) olddefconfig oldconfig savedefconfig listnewconfig \
-        list-defconfigs diffconfig setconfig settings train sample test bench report clean mrproper distclean deps
+        list-defconfigs diffconfig setconfig settings train sample test bench report compare compare-spikes clean \
+        mrproper distclean deps
 
 help:
 	@echo 'Configuration (.config; KCONFIG_CONFIG=path for another file):'
 	@$(HELP_LINE) menuconfig 'Edit .config in menus (kconfiglib); saved only if it passes the checks'
 	@$(HELP_LINE) defconfig '.config from the default preset defconfigs/$(DEFAULT_DEFCONFIG); FRAGMENT="a b" merges defconfigs/fragments/{a,b}.config'
-	@$(foreach d,$(DEFCONFIGS),$(HELP_LINE) 'defconfig-$(d)' '.config from the preset defconfigs/$(d); FRAGMENT= as for defconfig';)
+	@$(foreach d,$(PRESET_NAMES),$(HELP_LINE) 'defconfig-$(d)' '.config from the preset defconfigs/$(d); FRAGMENT= as for defconfig';)
 	@$(HELP_LINE) olddefconfig 'Update .config to the Kconfig files, new symbols at their defaults'
 	@$(HELP_LINE) oldconfig 'Update .config to the Kconfig files, asking for each new symbol'
 	@$(HELP_LINE) savedefconfig 'Save the minimal form of .config as ./defconfig (a preset for defconfigs/)'
@@ -50,6 +51,8 @@ help:
 	@$(HELP_LINE) train 'Train with the settings (NPROC=N: N processes with torch.distributed.run)'
 	@$(HELP_LINE) sample 'Print a text sample from the latest checkpoint of the configured run'
 	@$(HELP_LINE) report 'Write the training-health report of a run: make report RUN=runs/<name>'
+	@$(HELP_LINE) compare 'Train and compare presets: make compare DEFCONFIGS="gpt2-tiny gpt2-tiny-adamw" [SEEDS= JOBS=]'
+	@$(HELP_LINE) compare-spikes 'The spike experiment: AdamW, AdamW+clip, SPAM (seed, paper) with and without spikes'
 	@$(HELP_LINE) bench 'Run the benchmarks'
 	@$(HELP_LINE) test 'Run the test suite'
 	@echo 'Housekeeping:'
@@ -127,6 +130,17 @@ sample: $(SETTINGS) | $(DEPS_STAMP)
 report: | $(DEPS_STAMP)
 	@test -n '$(RUN)' || { echo 'make report: name the run folder, e.g. make report RUN=runs/gpt2-tiny' >&2; exit 1; }
 	@$(PY) -m monitor.report $(RUN)
+
+# make compare DEFCONFIGS="gpt2-tiny gpt2-tiny-adamw+clip1" [SEEDS=3] [MAX_ITERS=N] [JOBS=2] [OUT=dir] [SET="NAME=VALUE ..."]
+COMPARE_ARGS = $(if $(SEEDS),--seeds $(SEEDS)) $(if $(MAX_ITERS),--max-iters $(MAX_ITERS)) \
+               $(if $(JOBS),--jobs $(JOBS)) $(if $(OUT),--out $(OUT)) $(foreach s,$(SET),--set $(s))
+
+compare: | $(DEPS_STAMP)
+	@test -n '$(DEFCONFIGS)' || { echo 'make compare: name the configurations, e.g. make compare DEFCONFIGS="gpt2-tiny gpt2-tiny-adamw"' >&2; exit 1; }
+	@$(PY) -m scripts.compare $(DEFCONFIGS) $(COMPARE_ARGS)
+
+compare-spikes: | $(DEPS_STAMP)
+	@$(PY) -m scripts.compare --preset spikes $(COMPARE_ARGS)
 
 bench: | $(DEPS_STAMP)
 	@$(PY) -m scripts.bench

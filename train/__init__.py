@@ -1,0 +1,1 @@
+"""The trainer: one loop for every model family, configured only by the generated settings."""

@@ -1,0 +1,53 @@
+"""`python -m train` (what `make train` runs): train what the generated settings describe.
+
+The settings file is the only input; its path is the only argument, so that
+comparisons can train several configurations side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from scripts.kconfig.settings import StaleSettingsError, load_settings
+
+from .trainer import TrainingStopped, train
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", type=Path, default=Path("generated/settings.py"),
+                        help="generated settings file (default: generated/settings.py, from `make settings`)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_settings(args.settings)
+    except (StaleSettingsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = train(cfg, settings_path=args.settings, config_path=Path(cfg.source))
+    except TrainingStopped as e:
+        print(e, file=sys.stderr)
+        return 1
+    if summary.get("rank", 0) == 0:
+        print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    lines = ["", f"run folder: {summary['run_dir']}  ({summary['steps']} steps)"]
+    if "val_ppl" in summary:
+        lines.append(f"val loss:   {summary['val_loss']:.4f}   (perplexity {summary['val_ppl']:.1f})")
+    elif "val_loss" in summary:
+        lines.append(f"val loss:   {summary['val_loss']:.4f}")
+    if "val_accuracy" in summary:
+        lines.append(f"val top-1 accuracy: {100 * summary['val_accuracy']:.2f}%")
+    if summary.get("nonfinite_total"):
+        lines.append(f"non-finite steps skipped: {summary['nonfinite_total']}")
+    if "sample" in summary:
+        lines += ["sample:", "-" * 60, summary["sample"], "-" * 60]
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`make sample`: generate text from the latest checkpoint of a GPT-2 run.
+
+Reads the same settings as `make train` (SAMPLE_PROMPT, SAMPLE_TOKENS,
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K, OUT_DIR) and the newest readable
+checkpoint in OUT_DIR/checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from scripts.kconfig.settings import StaleSettingsError, load_settings
+
+from .checkpoint import load_latest_checkpoint
+from .distributed import pick_device
+from .families import generate_text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", type=Path, default=Path("generated/settings.py"))
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_settings(args.settings)
+    except (StaleSettingsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not cfg.MODEL_GPT2:
+        print("error: make sample needs a GPT-2 configuration (CONFIG_MODEL_GPT2=y)", file=sys.stderr)
+        return 2
+    ckpt_dir = Path(cfg.OUT_DIR) / "checkpoints"
+    restored = load_latest_checkpoint(ckpt_dir, log=lambda m: print(m, file=sys.stderr))
+    if restored is None:
+        print(f"error: no checkpoint in {ckpt_dir}; run `make train` first", file=sys.stderr)
+        return 2
+    state, path = restored
+    from data.tokenizer import gpt2_encoding
+    from models.gpt2 import build_gpt2
+    device = pick_device(cfg, 0)
+    model = build_gpt2(cfg)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    print(f"# {path} (step {state['step']})", file=sys.stderr)
+    print(generate_text(model, gpt2_encoding(), cfg, device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
