@@ -18,14 +18,14 @@ class StepDecision:
     rollback: bool = False
 
 
-def build_monitor(cfg, model, optimizer, family, info, runlog):
+def build_monitor(cfg, model, optimizer, family, info, runlog, probe_on_all_ranks=False):
     if not cfg.MONITOR:
         return None
-    return TrainerMonitor(cfg, model, optimizer, family, info, runlog)
+    return TrainerMonitor(cfg, model, optimizer, family, info, runlog, probe_on_all_ranks)
 
 
 class TrainerMonitor:
-    def __init__(self, cfg, model, optimizer, family, info, runlog):
+    def __init__(self, cfg, model, optimizer, family, info, runlog, probe_on_all_ranks=False):
         from monitor.monitor import HealthMonitor
         encoding = getattr(family, "encoding", None)
         self.health = HealthMonitor(cfg, model, optimizer, is_distributed=info.enabled,
@@ -36,6 +36,8 @@ class TrainerMonitor:
         self.spikes = 0
         self.rollbacks = 0
         self._probe = None
+        # probes are rank-0 work, except under FSDP where every forward pass is collective
+        self.probe_here = info.is_main or probe_on_all_ranks
 
     # step numbers: the trainer passes 1-based optimizer steps throughout
 
@@ -66,7 +68,7 @@ class TrainerMonitor:
         self.health.after_step(step, loss)
 
     def on_probe(self, step: int, wrapped_model) -> None:
-        if not self.info.is_main or not self.health.wants_probe(step):
+        if not self.probe_here or not self.health.wants_probe(step):
             return
         if self._probe is None:
             device = next(self.health.model.parameters()).device

@@ -114,6 +114,10 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     family = make_family(cfg, info)
     model = family.build_model().to(device)
     fsdp = info.enabled and cfg.FSDP
+    if fsdp and (cfg.OPTIM_ADAMW_SPAM or cfg.MONITOR):
+        raise SystemExit("error: FSDP=y works with OPTIM_ADAMW or OPTIM_SGD and MONITOR=n; AdamWSpam and "
+                         "the health monitor do not yet handle sharded (DTensor) parameters: use DDP "
+                         "(FSDP=n), or change those settings")
     if fsdp:  # before the optimizer: sharding replaces the parameters
         from .fsdp import shard_model
         shard_model(model)
@@ -134,7 +138,7 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     runlog = RunLog(out, enabled=info.is_main, tensorboard=cfg.TENSORBOARD)
 
     from .monitor_hooks import build_monitor
-    monitor = build_monitor(cfg, model, optimizer, family, info, runlog)
+    monitor = build_monitor(cfg, model, optimizer, family, info, runlog, probe_on_all_ranks=fsdp)
     from .faults import FaultInjector
     faults = FaultInjector(cfg)
 
@@ -300,8 +304,10 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
         summary["peak_cuda_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     summary["steps"] = step
     summary["nonfinite_total"] = nonfinite_total
-    if info.is_main and hasattr(family, "sample_text"):
-        summary["sample"] = family.sample_text(model, device)
+    if hasattr(family, "sample_text") and (info.is_main or fsdp):
+        sample = family.sample_text(model, device)  # under FSDP every rank joins the forward passes
+        if info.is_main:
+            summary["sample"] = sample
     if info.is_main and monitor is not None:
         summary.update(monitor.summary())
     runlog.write_json("summary.json", summary)
