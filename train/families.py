@@ -125,8 +125,10 @@ class GPTFamily:
     primary_metric = "val_loss"
 
     def probe_batch(self, device) -> Batch:
-        """A fixed held-out batch for the health monitor's probes."""
-        x, y, ids = self.val_data.batch(self.val_sampler.eval_starts(10_000))
+        """MONITOR_PROBE_BATCH fixed held-out sequences for the health monitor's probes."""
+        from data.text import TextBatchSampler
+        sampler = TextBatchSampler(len(self.val_data), self.cfg.MONITOR_PROBE_BATCH, seed=self.cfg.SEED)
+        x, y, ids = self.val_data.batch(sampler.eval_starts(10_000))  # an eval batch no evaluation uses
         return Batch(x, y, ids).to(device)
 
     def describe_sample(self, sample_ids: torch.Tensor) -> list[dict]:

@@ -246,17 +246,19 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        events = {}
         if monitor is not None and finite:
             monitor.after_step(step, step_loss)
             if decision is not None and decision.rollback:
-                _rollback(monitor, model, optimizer, ckpt_dir, device, step, say, runlog)
+                back_to = _rollback(monitor, model, optimizer, ckpt_dir, device, step, say, runlog)
+                events = {"rollback": 1, "rollback_to": back_to}
         if finite:
             loss_sum += step_loss
             steps_since_log += 1
         progress.update(1)
 
         last = step == total_iters
-        if step % cfg.LOG_INTERVAL == 0 or last or not finite:
+        if step % cfg.LOG_INTERVAL == 0 or last or not finite or events:
             loss_avg = loss_sum / max(steps_since_log, 1)
             if info.enabled:
                 torch.distributed.all_reduce(loss_avg)
@@ -266,7 +268,7 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
             record = {"loss": loss_avg.item() if steps_since_log else float("nan"), "lr": lr,
                       "grad_norm": grad_norm.item(),
                       f"{family.unit}_per_s": rate, "epoch": step / steps_per_epoch,
-                      "nonfinite_total": nonfinite_total, "nonfinite_skipped": int(not finite)}
+                      "nonfinite_total": nonfinite_total, "nonfinite_skipped": int(not finite), **events}
             if hasattr(optimizer, "read_telemetry"):
                 record.update({f"spam/{k}": v for k, v in optimizer.read_telemetry().items()})
             if monitor is not None:
@@ -325,7 +327,7 @@ def _stop_requested(stop: _StopFlag, info: DistInfo) -> bool:
     return bool(flag.item())
 
 
-def _rollback(monitor, model, optimizer, ckpt_dir, device, step, say, runlog) -> None:
+def _rollback(monitor, model, optimizer, ckpt_dir, device, step, say, runlog) -> int:
     """Spike cluster (seed 000, section 4.1): restore the last checkpoint's weights, reset
     momentum, and warm up again.
 
@@ -348,8 +350,8 @@ def _rollback(monitor, model, optimizer, ckpt_dir, device, step, say, runlog) ->
     else:
         optimizer.state.clear()  # torch optimizers: fresh moments and bias correction
     monitor.rolled_back(step, restored[0] if restored is not None else None)
-    runlog.log(step, "train", {"rollback": 1, "rollback_to": back_to})
     runlog.event("spikes.jsonl", {"step": step, "event": "rollback", "to_step": back_to})
+    return back_to
 
 
 def _model_state(cfg, model, info):
