@@ -60,3 +60,26 @@ def test_injected_spike_cluster_rolls_back_and_is_logged(tmp_path):
     assert [lrs[s] / base[s] for s in (9, 10, 11, 12, 13, 14)] == pytest.approx([1, 1, 0.25, 0.5, 0.75, 1])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["spikes"] == 3 and summary["rollbacks"] == 1
+
+
+def test_data_filter_output_trains(tmp_path):
+    """Spike -> spikes.jsonl -> make data-filter -> a run on the filtered corpus (DATA_PREPARED_DIR)."""
+    import subprocess
+    import sys
+
+    from trainutil import REPO, env
+    settings = make_settings(tmp_path / "a", MAX_ITERS=8, FAULT_INJECTION="y", FAULT_SPIKE_STEPS="6",
+                             MONITOR_SPIKE_GUARD="y", SPAM_CLIP_GRACE_STEPS=2)
+    run_train(settings)
+    run = tmp_path / "a" / "run"
+    r = subprocess.run([sys.executable, "-m", "scripts.data_filter", str(run)], cwd=REPO, env=env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    filtered = run / "filtered_corpus"
+    removed = {d["doc"] for d in json.loads((filtered / "removed.json").read_text())["documents"]}
+    spiked = {s["doc"] for e in map(json.loads, (run / "spikes.jsonl").read_text().splitlines())
+              if e["event"] == "spike" for s in e["samples"]}
+    assert removed == spiked and not removed & set(json.loads((filtered / "train.ids.json").read_text()))
+    again = make_settings(tmp_path / "b", MAX_ITERS=3, DATA_PREPARED_DIR=str(filtered))
+    run_train(again)
+    assert len(metrics(tmp_path / "b" / "run")) == 3

@@ -60,6 +60,8 @@ class GPTFamily:
         """Tokenize the configured corpus into DATA_DIR once (rank 0; the others wait)."""
         cfg = self.cfg
         root = Path(cfg.DATA_DIR)
+        if cfg.DATA_PREPARED_DIR:
+            return Path(cfg.DATA_PREPARED_DIR)
         if cfg.DATA_SHAKESPEARE:
             out = root / "shakespeare_gpt2"
             if self.info.is_main:

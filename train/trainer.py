@@ -258,6 +258,8 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
         progress.update(1)
 
         last = step == total_iters
+        if monitor is not None:
+            monitor.on_probe(step, wrapped)  # before logging, so probe values carry this step
         if step % cfg.LOG_INTERVAL == 0 or last or not finite or events:
             loss_avg = loss_sum / max(steps_since_log, 1)
             if info.enabled:
@@ -278,8 +280,6 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
                                  **{{"tokens": "tok/s", "images": "img/s"}[family.unit]: f"{rate:,.0f}"})
             loss_sum.zero_()
             t_last, steps_since_log = now, 0
-        if monitor is not None:
-            monitor.on_probe(step, wrapped)
         if step % cfg.EVAL_INTERVAL == 0 or last:
             wrapped.eval()
             last_eval = family.evaluate(wrapped, device, autocast)
