@@ -63,7 +63,7 @@ PRESETS = {
     "spikes": Preset(
         configs=tuple(c + s for s in ("", "+spikes")
                       for c in ("gpt2-tiny-adamw", "gpt2-tiny-adamw+clip1", "gpt2-tiny", "gpt2-tiny+spam-paper")),
-        seeds=3, max_iters=100, out=Path("runs/compare-spikes"), jobs=2,
+        seeds=3, max_iters=200, out=Path("runs/compare-spikes"), jobs=2,
         sets=(
             # the health monitor's spike detector as a pure observer: log spikes, never roll back
             # (a cluster of K spikes in a window of 100 steps can not exceed K = 100)
