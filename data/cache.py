@@ -62,3 +62,18 @@ def atomic_save_npy(path, array):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object stops np.save from appending ".npy"
             np.save(f, array)
+
+
+def replace_dir(new, final):
+    """Put the finished folder `new` at `final` (same filesystem), replacing an older one:
+    readers see the old folder or the new one, never a mixture."""
+    import shutil
+
+    new, final = Path(new), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data.cache import replace_dir
 from monitor import diagnosis as D
 
 REPORT_DIR = "report"
@@ -559,22 +560,11 @@ def write_report(run_dir, out_dir=None) -> tuple[Path, int]:
         lines += diag
         (work / "report.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
         os.chmod(work, 0o755)  # mkdtemp makes it private; a report is an ordinary folder
-        _replace_dir(work, final)
+        replace_dir(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return final / "report.md", count
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Put folder `new` at `final`, replacing an older report there."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None) -> int:

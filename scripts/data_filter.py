@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cache import atomic_write_json
+from data.cache import atomic_write_json, replace_dir
 from data.text import write_shard
 
 CORPUS_FOLDERS = {"DATA_SHAKESPEARE": "shakespeare_gpt2", "DATA_FINEWEB_EDU": "fineweb-edu",
@@ -212,15 +212,9 @@ def write_filtered_corpus(corpus: Path, out: Path, documents: dict, run_dir: Pat
 
 
 def _replace_dir(new: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        if not (final / "removed.json").exists():
-            raise FilterError(f"{final} exists and is not a filtered corpus; choose another --out")
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if final.exists() and not (final / "removed.json").exists():
+        raise FilterError(f"{final} exists and is not a filtered corpus; choose another --out")
+    replace_dir(new, final)
 
 
 # --------------------------------------------------------------------- CLI

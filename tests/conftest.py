@@ -143,3 +143,13 @@ def kconfig_process(ktree):
         return _check(result, "kconfig " + " ".join(args), check)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of small numeric tests: steadier on a shared 2-core machine."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

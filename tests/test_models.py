@@ -16,12 +16,7 @@ import torch.nn.functional as F
 from models import GPT, GPTConfig, build_gpt2, build_resnet, resnet18, resnet50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**overrides):

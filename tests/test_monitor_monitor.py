@@ -18,12 +18,7 @@ from monitor.monitor import INTERVALS, HealthMonitor
 VOCAB, T = 30, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gsnr_loop(micro):

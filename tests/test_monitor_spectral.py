@@ -12,12 +12,7 @@ from models import GPT, GPTConfig
 from monitor import spectral as S
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_covariance_spectrum_by_hand():

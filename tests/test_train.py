@@ -5,6 +5,7 @@ import json
 import math
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -199,3 +200,10 @@ def test_fsdp_matches_ddp_and_refuses_what_it_cannot_shard(tmp_path):
     spam = make_settings(tmp_path / "spam", FSDP="y", **common)
     r = run_train(spam, nproc=2, check=False)
     assert r.returncode != 0 and "AdamWSpam and the health monitor do not yet handle sharded" in r.stderr
+
+
+def test_missing_settings_is_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "train", "--settings", str(tmp_path / "nope.py")], cwd=REPO,
+                       env=env(), capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error:") and "nope.py" in r.stderr

@@ -5,31 +5,23 @@ comparisons can train several configurations side by side.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from scripts.kconfig.settings import StaleSettingsError, load_settings
-
+from .cli import settings_from_argv
 from .trainer import TrainingStopped, train
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", type=Path, default=Path("generated/settings.py"),
-                        help="generated settings file (default: generated/settings.py, from `make settings`)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_settings(args.settings)
-    except (StaleSettingsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg, settings_path = settings_from_argv("python -m train", __doc__.splitlines()[0], argv)
+    if cfg is None:
         return 2
     try:
-        summary = train(cfg, settings_path=args.settings, config_path=Path(cfg.source))
+        summary = train(cfg, settings_path=settings_path, config_path=Path(cfg.source))
     except TrainingStopped as e:
         print(e, file=sys.stderr)
         return 1
-    if summary.get("rank", 0) == 0:
+    if summary is not None:  # rank 0 of a distributed run, or the only process
         print_summary(summary)
     return 0
 

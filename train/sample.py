@@ -6,27 +6,18 @@ checkpoint in OUT_DIR/checkpoints.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from scripts.kconfig.settings import StaleSettingsError, load_settings
-
 from .checkpoint import load_latest_checkpoint
 from .distributed import pick_device
+from .cli import settings_from_argv
 from .families import generate_text
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.sample", description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", type=Path, default=Path("generated/settings.py"))
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_settings(args.settings)
-    except (StaleSettingsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    cfg, _ = settings_from_argv("python -m train.sample", __doc__.splitlines()[0], argv)
+    if cfg is None:
         return 2
     if not cfg.MODEL_GPT2:
         print("error: make sample needs a GPT-2 configuration (CONFIG_MODEL_GPT2=y)", file=sys.stderr)

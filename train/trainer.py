@@ -97,7 +97,8 @@ class _StopFlag:
         self.signum = signum
 
 
-def train(cfg, *, settings_path: Path, config_path: Path, log=print) -> dict:
+def train(cfg, *, settings_path: Path, config_path: Path, log=print) -> dict | None:
+    """Train; returns the run's summary on rank 0 (None on the other ranks)."""
     info = init_distributed(cfg)
     try:
         return _train(cfg, info, settings_path=settings_path, config_path=config_path, log=log)
@@ -314,7 +315,7 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
         summary.update(monitor.summary())
     runlog.write_json("summary.json", summary)
     runlog.close()
-    return summary
+    return summary if info.is_main else None
 
 
 def _stop_requested(stop: _StopFlag, info: DistInfo) -> bool:
