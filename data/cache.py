@@ -77,3 +77,20 @@ def replace_dir(new, final):
     os.replace(new, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def exclusive(lock_path):
+    """Hold an exclusive lock on `lock_path` (created if missing) for the block: processes
+    preparing the same data (parallel runs of make compare, say) take turns, and the
+    later ones find the work done."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

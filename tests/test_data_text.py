@@ -157,3 +157,22 @@ def test_open_built_dataset(tmp_path):
     empty = tmp_path / "empty"
     build_token_dataset(DOCS, empty, gpt2_encoding(), 0.0, 0)
     assert len(open_token_dataset(empty, "val", 8)) == 0
+
+
+def test_exclusive_makes_preparing_processes_take_turns(tmp_path):
+    """Parallel runs (make compare JOBS=2) on a fresh DATA_DIR must not prepare the corpus at once."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from data.cache import exclusive
+
+    lock, marker = tmp_path / ".prepare.lock", tmp_path / "child-ran"
+    child = ("import sys; from pathlib import Path; from data.cache import exclusive\n"
+             f"with exclusive({str(lock)!r}): Path({str(marker)!r}).write_text('x')\n")
+    with exclusive(lock):
+        proc = subprocess.Popen([sys.executable, "-c", child], cwd=Path(__file__).resolve().parents[1])
+        time.sleep(0.5)
+        assert proc.poll() is None and not marker.exists()  # blocked while we hold the lock
+    assert proc.wait(timeout=30) == 0 and marker.exists()

@@ -59,30 +59,41 @@ class GPTFamily:
     def _prepare_corpus(self) -> Path:
         """Tokenize the configured corpus into DATA_DIR once (rank 0; the others wait)."""
         cfg = self.cfg
-        root = Path(cfg.DATA_DIR)
         if cfg.DATA_PREPARED_DIR:
             return Path(cfg.DATA_PREPARED_DIR)
-        if cfg.DATA_SHAKESPEARE:
-            out = root / "shakespeare_gpt2"
-            if self.info.is_main:
-                from data.shakespeare import load_shakespeare
-                from data.text import build_token_dataset
-                docs = load_shakespeare(root)
-                build_token_dataset(docs, out, self.encoding, cfg.DATA_VAL_FRACTION, split_seed=0)
-        elif cfg.DATA_FINEWEB_EDU or cfg.DATA_OPENWEBTEXT:
-            name = "fineweb-edu" if cfg.DATA_FINEWEB_EDU else "openwebtext"
-            out = root / name
-            if self.info.is_main:
-                from data.hub_text import prepare_hub_corpus
-                prepare_hub_corpus(cfg.DATA_HF_PATH, cfg.DATA_HF_NAME or None, "train", "text", out,
-                                   self.encoding, shard_tokens=cfg.DATA_SHARD_TOKENS * 1_000_000,
-                                   max_tokens=cfg.DATA_MAX_TOKENS * 1_000_000 or None,
-                                   val_fraction=cfg.DATA_VAL_FRACTION)
-        else:
-            raise SystemExit("error: GPT-2 needs a text dataset (DATA_SHAKESPEARE, DATA_FINEWEB_EDU "
-                             "or DATA_OPENWEBTEXT)")
+        out = self._corpus_folder()
+        if self.info.is_main:
+            from data.cache import exclusive
+            with exclusive(Path(cfg.DATA_DIR) / ".prepare.lock"):  # parallel runs may be preparing it too
+                self._prepare(out)
         barrier(self.info)
         return out
+
+    def _corpus_folder(self) -> Path:
+        cfg = self.cfg
+        root = Path(cfg.DATA_DIR)
+        if cfg.DATA_SHAKESPEARE:
+            return root / "shakespeare_gpt2"
+        if cfg.DATA_FINEWEB_EDU:
+            return root / "fineweb-edu"
+        if cfg.DATA_OPENWEBTEXT:
+            return root / "openwebtext"
+        raise SystemExit("error: GPT-2 needs a text dataset (DATA_SHAKESPEARE, DATA_FINEWEB_EDU "
+                         "or DATA_OPENWEBTEXT)")
+
+    def _prepare(self, out: Path) -> None:
+        cfg = self.cfg
+        root = Path(cfg.DATA_DIR)
+        if cfg.DATA_SHAKESPEARE:
+            from data.shakespeare import load_shakespeare
+            from data.text import build_token_dataset
+            build_token_dataset(load_shakespeare(root), out, self.encoding, cfg.DATA_VAL_FRACTION, split_seed=0)
+        else:
+            from data.hub_text import prepare_hub_corpus
+            prepare_hub_corpus(cfg.DATA_HF_PATH, cfg.DATA_HF_NAME or None, "train", "text", out,
+                               self.encoding, shard_tokens=cfg.DATA_SHARD_TOKENS * 1_000_000,
+                               max_tokens=cfg.DATA_MAX_TOKENS * 1_000_000 or None,
+                               val_fraction=cfg.DATA_VAL_FRACTION)
 
     def build_model(self):
         from models.gpt2 import build_gpt2
