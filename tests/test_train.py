@@ -116,6 +116,9 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert "resuming" in log and "step 4 of 8" in log
     state, _ = final_checkpoint(run)
     assert state["step"] == 8
+    again = run_train(settings)  # a finished run is not trained again; its summary is shown
+    assert "already complete" in again.stdout + again.stderr and "val loss:" in again.stdout
+    assert metrics(run)[-1]["step"] == 8
 
 
 def test_resume_refuses_changed_settings(tmp_path):

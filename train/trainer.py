@@ -10,6 +10,7 @@ so a resumed run continues exactly where the checkpoint left off.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
 import time
@@ -192,7 +193,11 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     loss_sum = torch.zeros((), device=device)
     grad_norm = torch.zeros((), device=device)
     if start_step >= total_iters:
-        say(f"{out} is already complete ({total_iters} steps)")
+        say(f"{out} is already complete ({total_iters} steps); set OUT_DIR to train again")
+        progress.close()
+        runlog.close()
+        done = out / "summary.json"
+        return json.loads(done.read_text()) if info.is_main and done.is_file() else None
 
     step = start_step
     t_start = time.perf_counter()
