@@ -205,7 +205,7 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     while step < total_iters:
         lr = lr_at(step) * (monitor.lr_factor(step + 1) if monitor is not None else 1.0)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
         step_loss = torch.zeros((), device=device)
         micro_ids = []
         for micro in range(ga):
