@@ -37,6 +37,11 @@ def test_run_folder_holds_everything(tmp_path):
     assert list((run / "tb").glob("events.out.tfevents.*"))
     _, ckpts = final_checkpoint(run)
     assert [p.name for p in ckpts] == ["ckpt_000000003.pt", "ckpt_000000006.pt"]
+    # make sample: the same seeded continuation of SAMPLE_PROMPT from the latest checkpoint
+    sample = subprocess.run([sys.executable, "-m", "train.sample", "--settings", str(settings)], cwd=REPO,
+                            env=env(), capture_output=True, text=True)
+    assert sample.returncode == 0 and sample.stdout.rstrip("\n") == summary["sample"]
+    assert sample.stdout.startswith("ROMEO:") and "ckpt_000000006.pt" in sample.stderr
 
 
 def test_lr_follows_the_schedule(tmp_path):
