@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from monitor import metrics as M
+from references import gsnr_loop
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,20 +143,6 @@ def test_update_ratio_of_a_real_sgd_step():
     per, total = M.update_ratios(before, [w.detach(), b.detach()])
     assert per.tolist() == pytest.approx([0.1 * math.sqrt(5) / 5, 0.05 / 1.0], rel=1e-6)
     assert total.item() == pytest.approx(math.sqrt(0.05 + 0.0025) / math.sqrt(26), rel=1e-6)
-
-
-def gsnr_loop(micro):
-    """Plain reference: per element m^2 / (unbiased var + 1e-8 * mean g^2), averaged over touched elements."""
-    micro = np.asarray(micro, dtype=np.float64)
-    n = len(micro)
-    ratios = []
-    for col in micro.T:
-        if not np.any(col != 0):
-            continue
-        m = sum(col) / n
-        var = sum((v - m) ** 2 for v in col) / (n - 1)
-        ratios.append(m * m / (var + 1e-8 * sum(v * v for v in col) / n))
-    return np.mean(ratios)
 
 
 def test_gsnr_by_hand():
