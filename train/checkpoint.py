@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +102,3 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def warn(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

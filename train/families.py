@@ -54,7 +54,6 @@ class GPTFamily:
                                         info.world_size, cfg.SEED)
         self.val_sampler = TextBatchSampler(len(self.val_data), cfg.BATCH_SIZE, info.rank,
                                             info.world_size, cfg.SEED)
-        self.corpus_dir = corpus_dir
 
     def _prepare_corpus(self) -> Path:
         """Tokenize the configured corpus into DATA_DIR once (rank 0; the others wait)."""
@@ -135,8 +134,6 @@ class GPTFamily:
         val_loss = (total[0] / total[1]).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
-    primary_metric = "val_loss"
-
     def probe_batch(self, device) -> Batch:
         """MONITOR_PROBE_BATCH fixed held-out sequences for the health monitor's probes."""
         from data.text import TextBatchSampler
@@ -168,15 +165,10 @@ def generate_text(model, encoding, cfg, device) -> str:
     return encoding.decode(out[0].tolist())
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets)
-
-
 class ImageFamily:
     """ResNet on an image set: cross-entropy; top-1 accuracy on the validation set."""
 
     unit = "images"
-    primary_metric = "val_accuracy"
 
     def __init__(self, cfg, info: DistInfo):
         from data.images import ImageBatchSampler, channel_mean_std
@@ -224,7 +216,7 @@ class ImageFamily:
         return Batch(normalize(images, self.mean, self.std), self.train_set.labels[idx], idx[:, None])
 
     def loss(self, model, batch: Batch) -> torch.Tensor:
-        return cross_entropy(model(batch.inputs), batch.targets)
+        return F.cross_entropy(model(batch.inputs).float(), batch.targets)
 
     def _val_batches(self):
         from data.images import normalize

@@ -83,9 +83,3 @@ class RunLog:
         if self._tb is not None:
             self._tb.close()
 
-
-def read_metrics(folder: Path) -> list[dict]:
-    path = Path(folder) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import capture_rng_state, load_latest_checkpoint, restore_rng_state, save_checkpoint
-from .distributed import DistInfo, init_distributed, shutdown
+from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
 from .families import total_iters_for
 from .runlog import RunLog
 from .schedule import schedule_from_settings
@@ -186,7 +186,7 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     stop.install()
     params = [p for p in model.parameters() if p.requires_grad]
     units_per_step = family.units_per_micro_batch() * ga * info.world_size
-    progress = _progress_bar(info, start_step, total_iters, family.unit)
+    progress = _progress_bar(info, start_step, total_iters)
     summary: dict = {"run_dir": str(out), "total_iters": total_iters}
     last_eval: dict = {}
     t_last, steps_since_log = time.perf_counter(), 0
@@ -267,10 +267,7 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
         if monitor is not None:
             monitor.on_probe(step, wrapped)  # before logging, so probe values carry this step
         if step % cfg.LOG_INTERVAL == 0 or last or not finite or events:
-            loss_avg = loss_sum / max(steps_since_log, 1)
-            if info.enabled:
-                torch.distributed.all_reduce(loss_avg)
-                loss_avg /= info.world_size
+            loss_avg = all_reduce_mean(loss_sum / max(steps_since_log, 1), info)
             now = time.perf_counter()
             rate = units_per_step * steps_since_log / max(now - t_last, 1e-9)
             record = {"loss": loss_avg.item() if steps_since_log else float("nan"), "lr": lr,
@@ -379,7 +376,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _progress_bar(info: DistInfo, start: int, total: int, unit: str):
+def _progress_bar(info: DistInfo, start: int, total: int):
     from tqdm import tqdm
     return tqdm(total=total, initial=start, disable=not info.is_main, unit="step",
                 dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
