@@ -94,3 +94,19 @@ def exclusive(lock_path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# Where each text dataset's token shards are prepared, inside DATA_DIR.
+CORPUS_FOLDERS = {"DATA_SHAKESPEARE": "shakespeare_gpt2", "DATA_FINEWEB_EDU": "fineweb-edu",
+                  "DATA_OPENWEBTEXT": "openwebtext"}
+
+
+def corpus_folder(settings: dict):
+    """The token corpus a GPT-2 run reads: DATA_PREPARED_DIR when set, else the chosen
+    dataset's folder in DATA_DIR; None for settings without a text dataset."""
+    if settings.get("DATA_PREPARED_DIR"):
+        return Path(settings["DATA_PREPARED_DIR"])
+    for symbol, folder in CORPUS_FOLDERS.items():
+        if settings.get(symbol):
+            return Path(settings["DATA_DIR"] or DEFAULT_DATA_DIR) / folder
+    return None

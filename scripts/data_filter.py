@@ -14,7 +14,8 @@ counts and a "filtered" entry, and removed.json saying which documents went
 and why (spike steps and GSS). The copy is built in a temporary folder and
 renamed into place, so there is never a half-written corpus.
 
-The corpus is the one the run's settings name: DATA_DIR/shakespeare_gpt2,
+The corpus is the one the run's settings name: DATA_PREPARED_DIR when set
+(a run on an already filtered corpus), else DATA_DIR/shakespeare_gpt2,
 DATA_DIR/fineweb-edu or DATA_DIR/openwebtext (DATA_DIR relative to the
 folder make runs in), or --corpus DIR.
 """
@@ -31,11 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cache import atomic_write_json, replace_dir
+from data.cache import atomic_write_json, corpus_folder, replace_dir
 from data.text import write_shard
 
-CORPUS_FOLDERS = {"DATA_SHAKESPEARE": "shakespeare_gpt2", "DATA_FINEWEB_EDU": "fineweb-edu",
-                  "DATA_OPENWEBTEXT": "openwebtext"}
 DEFAULT_OUT = "filtered_corpus"
 
 
@@ -82,7 +81,7 @@ def spike_documents(events: list[dict], min_spikes: int = 1) -> dict:
 # ------------------------------------------------------------------ corpus
 
 
-def corpus_folder(run_dir: Path) -> Path:
+def run_corpus(run_dir: Path) -> Path:
     """The prepared corpus the run trained on, from its settings.py."""
     from scripts.kconfig.settings import SettingsError, load_settings
 
@@ -91,9 +90,9 @@ def corpus_folder(run_dir: Path) -> Path:
         cfg = load_settings(path, check_fresh=False).as_dict()
     except SettingsError as e:
         raise FilterError(f"cannot tell which corpus the run used ({e}); name it with --corpus DIR") from None
-    for symbol, folder in CORPUS_FOLDERS.items():
-        if cfg.get(symbol):
-            return Path(cfg.get("DATA_DIR") or "data_cache") / folder
+    corpus = corpus_folder(cfg)
+    if corpus is not None:
+        return corpus
     raise FilterError("the run did not train on a token corpus (data-filter works on the text datasets of "
                       "GPT-2 runs)")
 
@@ -245,7 +244,7 @@ def main(argv=None) -> int:
             print(f"data-filter: no document is in {args.min_spikes} or more spike batches of {spikes}; "
                   "nothing written")
             return 0
-        corpus = Path(args.corpus) if args.corpus else corpus_folder(run_dir)
+        corpus = Path(args.corpus) if args.corpus else run_corpus(run_dir)
         out = Path(args.out) if args.out else run_dir / DEFAULT_OUT
         report = write_filtered_corpus(corpus, out, documents, run_dir)
     except FilterError as e:

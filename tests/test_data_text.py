@@ -176,3 +176,18 @@ def test_exclusive_makes_preparing_processes_take_turns(tmp_path):
         time.sleep(0.5)
         assert proc.poll() is None and not marker.exists()  # blocked while we hold the lock
     assert proc.wait(timeout=30) == 0 and marker.exists()
+
+
+def test_corpus_folder_names_the_corpus_a_run_reads():
+    from pathlib import Path
+
+    from data.cache import corpus_folder
+    base = {"DATA_DIR": "cache", "DATA_PREPARED_DIR": "", "DATA_SHAKESPEARE": False,
+            "DATA_FINEWEB_EDU": False, "DATA_OPENWEBTEXT": False}
+    assert corpus_folder({**base, "DATA_SHAKESPEARE": True}) == Path("cache/shakespeare_gpt2")
+    assert corpus_folder({**base, "DATA_FINEWEB_EDU": True}) == Path("cache/fineweb-edu")
+    assert corpus_folder({**base, "DATA_OPENWEBTEXT": True}) == Path("cache/openwebtext")
+    # a run on a filtered corpus (make data-filter) reads that folder, whatever the dataset
+    assert corpus_folder({**base, "DATA_SHAKESPEARE": True, "DATA_PREPARED_DIR": "runs/a/filtered_corpus"}) \
+        == Path("runs/a/filtered_corpus")
+    assert corpus_folder({**base, "DATA_DIGITS": True, "DATA_PREPARED_DIR": None}) is None

@@ -57,28 +57,19 @@ class GPTFamily:
 
     def _prepare_corpus(self) -> Path:
         """Tokenize the configured corpus into DATA_DIR once (rank 0; the others wait)."""
+        from data.cache import corpus_folder, exclusive
         cfg = self.cfg
+        out = corpus_folder(cfg.as_dict())
+        if out is None:
+            raise SystemExit("error: GPT-2 needs a text dataset (DATA_SHAKESPEARE, DATA_FINEWEB_EDU "
+                             "or DATA_OPENWEBTEXT)")
         if cfg.DATA_PREPARED_DIR:
-            return Path(cfg.DATA_PREPARED_DIR)
-        out = self._corpus_folder()
+            return out
         if self.info.is_main:
-            from data.cache import exclusive
             with exclusive(Path(cfg.DATA_DIR) / ".prepare.lock"):  # parallel runs may be preparing it too
                 self._prepare(out)
         barrier(self.info)
         return out
-
-    def _corpus_folder(self) -> Path:
-        cfg = self.cfg
-        root = Path(cfg.DATA_DIR)
-        if cfg.DATA_SHAKESPEARE:
-            return root / "shakespeare_gpt2"
-        if cfg.DATA_FINEWEB_EDU:
-            return root / "fineweb-edu"
-        if cfg.DATA_OPENWEBTEXT:
-            return root / "openwebtext"
-        raise SystemExit("error: GPT-2 needs a text dataset (DATA_SHAKESPEARE, DATA_FINEWEB_EDU "
-                         "or DATA_OPENWEBTEXT)")
 
     def _prepare(self, out: Path) -> None:
         cfg = self.cfg
