@@ -110,6 +110,8 @@ def prepare_shakespeare(cache_dir, val_fraction=0.1, split_seed=0):
     from .text import build_token_dataset
     from .tokenizer import gpt2_encoding
 
-    folder = Path(cache_dir) / "shakespeare_gpt2"
+    from .cache import CORPUS_FOLDERS
+
+    folder = Path(cache_dir) / CORPUS_FOLDERS["DATA_SHAKESPEARE"]
     build_token_dataset(load_shakespeare(cache_dir), folder, gpt2_encoding(), val_fraction, split_seed)
     return folder

@@ -73,11 +73,9 @@ class GPTFamily:
 
     def _prepare(self, out: Path) -> None:
         cfg = self.cfg
-        root = Path(cfg.DATA_DIR)
         if cfg.DATA_SHAKESPEARE:
-            from data.shakespeare import load_shakespeare
-            from data.text import build_token_dataset
-            build_token_dataset(load_shakespeare(root), out, self.encoding, cfg.DATA_VAL_FRACTION, split_seed=0)
+            from data.shakespeare import prepare_shakespeare
+            prepare_shakespeare(cfg.DATA_DIR, cfg.DATA_VAL_FRACTION)  # into `out`, the same folder
         else:
             from data.hub_text import prepare_hub_corpus
             prepare_hub_corpus(cfg.DATA_HF_PATH, cfg.DATA_HF_NAME or None, "train", "text", out,
