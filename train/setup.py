@@ -1,0 +1,171 @@
+"""Setting up a run: everything the training loop needs, built from the settings.
+
+`set_up` builds the model family, the model (sharded under FSDP2), the
+optimizer, precision, schedule, run folder, health monitor and fault injector,
+and restores the latest checkpoint of OUT_DIR when there is one. The result is
+a `Run`: the loop (train/trainer.py), the optimizer step (train/step.py) and the
+bookkeeping (train/bookkeeping.py) read and update it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import load_latest_checkpoint, restore_rng_state
+from .distributed import DistInfo
+from .families import total_iters_for
+from .runlog import RunLog
+from .schedule import schedule_from_settings
+
+# Settings that may differ when a run is resumed: they change what is logged or
+# kept, not what is computed. Anything else must match the checkpoint's settings.
+RESUMABLE_CHANGES = {"EVAL_INTERVAL", "EVAL_BATCHES", "LOG_INTERVAL", "CKPT_INTERVAL", "CKPT_KEEP",
+                     "TENSORBOARD", "SAMPLE_TOKENS", "SAMPLE_TEMPERATURE", "SAMPLE_TOP_K", "SAMPLE_PROMPT",
+                     "MAX_NONFINITE_STEPS", "DATA_DIR", "COMPILE"}
+
+
+@dataclass
+class Run:
+    """The state of one training run that outlives a single optimizer step."""
+
+    cfg: object
+    info: DistInfo
+    say: Callable
+    family: object
+    model: torch.nn.Module          # the bare model (its state_dict is what checkpoints hold)
+    wrapped: torch.nn.Module        # what runs forward passes: compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_scaler: bool
+    autocast: Callable
+    fsdp: bool
+    params: list
+    lr_at: Callable[[int], float]
+    total_iters: int
+    steps_per_epoch: int
+    out: Path
+    ckpt_dir: Path
+    runlog: RunLog
+    monitor: object | None
+    faults: object
+    start_step: int = 0
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    elapsed_before: float = 0.0     # training seconds of earlier sessions of this run
+    extra_state: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def units_per_step(self) -> int:
+        return self.family.units_per_micro_batch() * self.cfg.GRAD_ACCUM_STEPS * self.info.world_size
+
+
+def make_family(cfg, info: DistInfo):
+    if cfg.MODEL_GPT2:
+        from .families import GPTFamily
+        return GPTFamily(cfg, info)
+    from .families import ImageFamily
+    return ImageFamily(cfg, info)
+
+
+def autocast_factory(cfg, device: torch.device):
+    """bf16/fp16 autocast on CUDA; fp32 (no autocast) otherwise."""
+    if device.type == "cuda" and (cfg.DTYPE_BF16 or cfg.DTYPE_FP16):
+        dtype = torch.bfloat16 if cfg.DTYPE_BF16 else torch.float16
+        return lambda: torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext
+
+
+def wrap_model(cfg, model, info: DistInfo):
+    """Compile, and replicate with DDP unless FSDP2 already sharded the model."""
+    if cfg.COMPILE:
+        model = torch.compile(model)
+    if info.enabled and not cfg.FSDP:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    return model
+
+
+def settings_diff(saved: dict, current: dict) -> list[str]:
+    """Names of the settings that differ and may not change across a resume."""
+    keys = sorted(set(saved) | set(current))
+    return [k for k in keys if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+
+
+def set_up(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) -> Run:
+    from optim import build_optimizer
+
+    device = info.device
+    say = log if info.is_main else (lambda *a, **k: None)
+    torch.manual_seed(cfg.SEED)  # identical initial weights on every rank
+    family = make_family(cfg, info)
+    model = family.build_model().to(device)
+    fsdp = info.enabled and cfg.FSDP
+    if fsdp and (cfg.OPTIM_ADAMW_SPAM or cfg.MONITOR):
+        raise SystemExit("error: FSDP=y works with OPTIM_ADAMW or OPTIM_SGD and MONITOR=n; AdamWSpam and "
+                         "the health monitor do not yet handle sharded (DTensor) parameters: use DDP "
+                         "(FSDP=n), or change those settings")
+    if fsdp:  # before the optimizer: sharding replaces the parameters
+        from .fsdp import shard_model
+        shard_model(model)
+    optimizer = build_optimizer(cfg, model)
+    use_scaler = device.type == "cuda" and cfg.DTYPE_FP16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    autocast = autocast_factory(cfg, device)
+    if device.type == "cpu" and (cfg.DTYPE_BF16 or cfg.DTYPE_FP16):
+        say("note: DTYPE_BF16/DTYPE_FP16 apply on CUDA only; training in fp32 on the CPU")
+
+    steps_per_epoch = family.steps_per_epoch()
+    total_iters = total_iters_for(cfg, steps_per_epoch)
+    out = Path(cfg.OUT_DIR)
+    runlog = RunLog(out, enabled=info.is_main, tensorboard=cfg.TENSORBOARD)
+
+    from .monitor_hooks import build_monitor
+    monitor = build_monitor(cfg, model, optimizer, family, info, runlog, probe_on_all_ranks=fsdp)
+    from .faults import FaultInjector
+
+    run = Run(cfg=cfg, info=info, say=say, family=family, model=model, wrapped=model, optimizer=optimizer,
+              scaler=scaler, use_scaler=use_scaler, autocast=autocast, fsdp=fsdp,
+              params=[p for p in model.parameters() if p.requires_grad],
+              lr_at=schedule_from_settings(cfg, total_iters), total_iters=total_iters,
+              steps_per_epoch=steps_per_epoch, out=out, ckpt_dir=out / "checkpoints", runlog=runlog,
+              monitor=monitor, faults=FaultInjector(cfg))
+    _resume(run)
+    runlog.keep_config(config_path, settings_path)
+    run.wrapped = wrap_model(cfg, model, info)
+    return run
+
+
+def _resume(run: Run) -> None:
+    """Load the newest readable checkpoint of OUT_DIR into the run, if there is one."""
+    restored = load_latest_checkpoint(run.ckpt_dir, map_location=run.device, log=run.say)
+    if restored is None:
+        return
+    state, path = restored
+    changed = settings_diff(state["settings"], run.cfg.as_dict())
+    if changed:
+        raise SystemExit(f"error: {run.out} holds a run with different settings ({', '.join(changed[:6])}"
+                         f"{', ...' if len(changed) > 6 else ''}); set OUT_DIR to a new folder "
+                         "or restore those settings to resume it")
+    if run.fsdp:
+        from .fsdp import load_full_state
+        load_full_state(run.model, run.optimizer, state["model"], state["optimizer"])
+    else:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"])
+    if run.monitor is not None and "monitor" in state:
+        run.monitor.load_state_dict(state["monitor"])
+    run.start_step = state["step"]
+    run.nonfinite_total = state.get("nonfinite_total", 0)
+    run.elapsed_before = state.get("elapsed_s", 0.0)
+    run.say(f"resuming {run.out} from {path.name} (step {run.start_step} of {run.total_iters})")
+    run.runlog.truncate_after(run.start_step)
