@@ -48,7 +48,7 @@ help:
 	@$(HELP_LINE) setconfig 'Set symbols in .config, checked: make setconfig SET="LR=1e-3 SPAM_INTERVAL=500"'
 	@$(HELP_LINE) settings 'Generate $(SETTINGS) from .config (done by train and sample when needed)'
 	@echo 'Training:'
-	@$(HELP_LINE) train 'Train with the settings (NPROC=N: N processes with torch.distributed.run)'
+	@$(HELP_LINE) train 'Train with the settings (NPROC=N: N processes with torch.distributed.run; NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT= for several nodes)'
 	@$(HELP_LINE) sample 'Print a text sample from the latest checkpoint of the configured run'
 	@$(HELP_LINE) report 'Write the training-health report of a run: make report RUN=runs/<name>'
 	@$(HELP_LINE) compare 'Train and compare presets: make compare DEFCONFIGS="gpt2-tiny gpt2-tiny-adamw" [SEEDS= JOBS=]'
@@ -119,10 +119,22 @@ $(SETTINGS): $(KCONFIG_CONFIG) $(KCONFIG_FILES) $(KCONFIG_TOOL) | $(DEPS_STAMP)
 # ---------------------------------------------------------------------------
 # Training and tools
 
-# NPROC=N > 1: one process per device (or CPU worker), started by torchrun
-TRAIN := $(if $(filter-out 0 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train,$(PY) -m train)
+# NPROC=N > 1: one process per device (or CPU worker), started by torchrun.
+# NNODES=M > 1: run the same command on every node, each with its NODE_RANK
+# (0..M-1) and the address and a free port of node 0 (torchrun's static rendezvous).
+NNODES ?= 1
+NODE_RANK ?= 0
+MULTINODE_ARGS = --nnodes=$(NNODES) --node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
+ifneq ($(filter-out 0 1,$(NNODES)),)
+TRAIN = $(PY) -m torch.distributed.run $(MULTINODE_ARGS) --nproc_per_node=$(NPROC) -m train
+else
+TRAIN = $(if $(filter-out 0 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) -m train,$(PY) -m train)
+endif
 
 train: $(SETTINGS) | $(DEPS_STAMP)
+ifneq ($(filter-out 0 1,$(NNODES)),)
+	@test -n '$(MASTER_ADDR)' -a -n '$(MASTER_PORT)' || { echo 'make train NNODES=$(NNODES): name node 0 with MASTER_ADDR=<host> MASTER_PORT=<port> (and NODE_RANK=0..$(NNODES)-1 on each node)' >&2; exit 1; }
+endif
 	$(TRAIN)
 
 sample: $(SETTINGS) | $(DEPS_STAMP)

@@ -130,6 +130,10 @@ class GPTFamily:
         x, y, ids = self.val_data.batch(sampler.eval_starts(10_000))  # an eval batch no evaluation uses
         return Batch(x, y, ids).to(device)
 
+    def data_fingerprint(self) -> dict:
+        """What every rank must agree on about the corpus (multi-node runs)."""
+        return {"train_tokens": self.train_data.num_tokens, "val_tokens": self.val_data.num_tokens}
+
     def describe_sample(self, sample_ids: torch.Tensor) -> list[dict]:
         """Sample identities for spikes.jsonl: document id and token offset."""
         return [{"doc": self.train_data.doc_id(int(d)), "doc_index": int(d), "offset": int(o)}
@@ -235,6 +239,10 @@ class ImageFamily:
 
     def probe_batch(self, device) -> Batch:
         return next(iter(self._val_batches())).to(device)
+
+    def data_fingerprint(self) -> dict:
+        """What every rank must agree on about the image set (multi-node runs)."""
+        return {"train_images": len(self.train_set.labels), "val_images": len(self.val_set.labels)}
 
     def describe_sample(self, sample_ids: torch.Tensor) -> list[dict]:
         return [{"index": int(i)} for i in sample_ids.flatten().tolist()]

@@ -5,6 +5,9 @@ DDP rank inject the same faults at the same steps.
 """
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 
 
@@ -32,6 +35,13 @@ class FaultInjector:
         self.spike_factor = cfg.FAULT_SPIKE_FACTOR
         self.outlier_steps = parse_steps(cfg.FAULT_OUTLIER_STEPS)
         self.nan_steps = parse_steps(cfg.FAULT_NAN_STEPS)
+        self.kill_step = cfg.FAULT_KILL_STEP
+        self.kill_rank = cfg.FAULT_KILL_RANK
+
+    def kill_if_due(self, step: int, rank: int) -> None:
+        """SIGKILL this process at FAULT_KILL_STEP on rank FAULT_KILL_RANK: a crash, not an exit."""
+        if self.enabled and self.kill_step and step == self.kill_step and rank == self.kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def poison_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """NaN loss on the listed steps (its gradients become NaN too)."""

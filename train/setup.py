@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import load_latest_checkpoint, restore_rng_state
-from .distributed import DistInfo
+from .distributed import DistInfo, check_ranks_agree, share_checkpoint
 from .families import total_iters_for
 from .runlog import RunLog
 from .schedule import schedule_from_settings
@@ -25,7 +25,8 @@ from .schedule import schedule_from_settings
 # kept, not what is computed. Anything else must match the checkpoint's settings.
 RESUMABLE_CHANGES = {"EVAL_INTERVAL", "EVAL_BATCHES", "LOG_INTERVAL", "CKPT_INTERVAL", "CKPT_KEEP",
                      "TENSORBOARD", "SAMPLE_TOKENS", "SAMPLE_TEMPERATURE", "SAMPLE_TOP_K", "SAMPLE_PROMPT",
-                     "MAX_NONFINITE_STEPS", "DATA_DIR", "COMPILE"}
+                     "MAX_NONFINITE_STEPS", "DATA_DIR", "OUT_DIR", "COMPILE", "DIST_TIMEOUT_S",
+                     "FAULT_KILL_STEP", "FAULT_KILL_RANK"}
 
 
 @dataclass
@@ -106,6 +107,7 @@ def set_up(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     say = log if info.is_main else (lambda *a, **k: None)
     torch.manual_seed(cfg.SEED)  # identical initial weights on every rank
     family = make_family(cfg, info)
+    check_ranks_agree(info, cfg.as_dict(), family.data_fingerprint())
     model = family.build_model().to(device)
     fsdp = info.enabled and cfg.FSDP
     if fsdp and (cfg.OPTIM_ADAMW_SPAM or cfg.MONITOR):
@@ -145,7 +147,8 @@ def set_up(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
 
 def _resume(run: Run) -> None:
     """Load the newest readable checkpoint of OUT_DIR into the run, if there is one."""
-    restored = load_latest_checkpoint(run.ckpt_dir, map_location=run.device, log=run.say)
+    restored = share_checkpoint(run.info, load_latest_checkpoint(run.ckpt_dir, map_location=run.device,
+                                                                  log=run.say))
     if restored is None:
         return
     state, path = restored

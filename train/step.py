@@ -76,6 +76,7 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
     for group in optimizer.param_groups:
         group["lr"] = lr
     step_loss, micro_ids = _forward_backward(run, step)
+    run.faults.kill_if_due(step + 1, run.info.rank)
     scaler.unscale_(optimizer)
     run.faults.inject_gradient_spike(step + 1, run.params)
 

@@ -57,16 +57,29 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     books = Bookkeeper(run)
     step = run.start_step
     run.wrapped.train()
-    while step < run.total_iters:
-        outcome = optimizer_step(run, step)
-        step += 1
-        books.after_step(step, outcome)
-        stopping = _stop_requested(stop, info)
-        books.checkpoint_if_due(step, stopping)
-        if stopping and step < run.total_iters:
-            books.close()
-            raise TrainingStopped(f"interrupted by signal {stop.signum}: checkpoint saved at step {step} "
-                                  f"in {run.ckpt_dir}; `make train` resumes from it")
+    try:
+        while step < run.total_iters:
+            outcome = optimizer_step(run, step)
+            step += 1
+            books.after_step(step, outcome)
+            stopping = _stop_requested(stop, info)
+            books.checkpoint_if_due(step, stopping)
+            if stopping and step < run.total_iters:
+                books.close()
+                raise TrainingStopped(f"interrupted by signal {stop.signum}: checkpoint saved at step {step} "
+                                      f"in {run.ckpt_dir}; `make train` resumes from it")
+    except RuntimeError as e:
+        if not info.enabled:
+            raise
+        # a dead or hung rank surfaces here as a failed collective: say so in one
+        # line instead of a backend traceback (torchrun stops the other local ranks)
+        books.close()
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingStopped(
+            f"error: rank {info.rank} stopped at step {step + 1}: a collective operation with the other "
+            f"ranks failed ({reason[:200]}); another rank died or hung (DIST_TIMEOUT_S="
+            f"{cfg.DIST_TIMEOUT_S}). The last complete checkpoint in {run.ckpt_dir} is intact: "
+            "`make train` resumes from it") from e
     return books.finish(step)
 
 
