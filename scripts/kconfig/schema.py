@@ -63,6 +63,11 @@ FLOAT_RANGES = {
     "ADAM_EPS": interval("(0, 1)"),
     "SGD_MOMENTUM": interval("[0, 1)"),
     "GRAD_CLIP": interval("[0, 1e6]"),
+    # optim/Kconfig.clipping
+    "ZCLIP_ALPHA": interval("(0, 1)"),
+    "ZCLIP_Z_THRESHOLD": interval("(0, 1000]"),
+    "ZCLIP_CLIP_FACTOR": interval("(0, 100]"),
+    "ZCLIP_MAX_NORM": interval("[0, 1e6]"),
     # optim/Kconfig.spam
     "SPAM_THETA": interval("(0, 1e12]"),
     "SPAM_SPIKE_THRESHOLD": interval("[0, 1000]"),
