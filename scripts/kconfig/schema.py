@@ -68,6 +68,8 @@ FLOAT_RANGES = {
     "ZCLIP_Z_THRESHOLD": interval("(0, 1000]"),
     "ZCLIP_CLIP_FACTOR": interval("(0, 100]"),
     "ZCLIP_MAX_NORM": interval("[0, 1e6]"),
+    # optim/Kconfig.rivals
+    "SKIP_STEP_SIGMA": interval("(0, 1000]"),
     # optim/Kconfig.spam
     "SPAM_THETA": interval("(0, 1e12]"),
     "SPAM_SPIKE_THRESHOLD": interval("[0, 1000]"),
