@@ -97,6 +97,11 @@ class StableSpam(torch.optim.Optimizer):
         state["norm_sq_ema"] = scalar.clone()  # v_n: EMA of ||g||^2
         return state
 
+    def reset_momentum(self):
+        """An unscheduled MoRet (the health monitor's rollback): zero Adam's moments and
+        restart its bias correction, as a periodic reset does; AdaClip/AdaGN keep theirs."""
+        self._reset_moments()
+
     def _reset_moments(self):
         moments = []
         for group in self.param_groups:

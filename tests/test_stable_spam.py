@@ -145,6 +145,19 @@ def test_reset_zeroes_the_moments_before_the_step_uses_them():
     assert opt.read_telemetry()["reset"] == 1.0
 
 
+def test_unscheduled_reset_equals_a_periodic_one():
+    grads = gradient_stream(SIZES, 6, seed=2)
+    expected, _ = reference(PARAMS0, grads, interval=4)
+    head, _, opt = run_class(PARAMS0, grads[:3], interval=1000)
+    opt.reset_momentum()  # before step 4, as the reset at k = 4 would
+    params = opt.param_groups[0]["params"]
+    for grads_k, exp in zip(grads[3:], expected[3:]):
+        for p, g in zip(params, grads_k):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        assert_close([[p.detach().tolist() for p in params]], [exp])
+
+
 def test_adaclip_counter_keeps_running_across_resets():
     # Defect 2 of the authors' code: their reset restarts AdaClip's bias correction, so
     # T_hat jumps to about 1/(1 - gamma3^j) times the typical max|g| and a spike right
