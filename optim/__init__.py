@@ -1,16 +1,17 @@
 """
-Optimizers: AdamWSpam, and build_optimizer(cfg, model), which turns the
-Kconfig settings (OPTIM_*, LR, WEIGHT_DECAY, BETA1/2, ADAM_EPS, SGD_*, SPAM_*)
-into torch.optim.AdamW, AdamWSpam or torch.optim.SGD over nanoGPT-style
-param groups.
+Optimizers: AdamWSpam, StableSpam, and build_optimizer(cfg, model), which
+turns the Kconfig settings (OPTIM_*, LR, WEIGHT_DECAY, BETA1/2, ADAM_EPS, SGD_*,
+SPAM_*, STABLE_SPAM_*) into torch.optim.AdamW, AdamWSpam, StableSpam or
+torch.optim.SGD over nanoGPT-style param groups.
 """
 
 import torch
 from torch import nn
 
 from optim.spam import AdamWSpam, warmup_scale
+from optim.stable_spam import StableSpam
 
-__all__ = ["AdamWSpam", "build_optimizer", "param_groups", "warmup_scale"]
+__all__ = ["AdamWSpam", "StableSpam", "build_optimizer", "param_groups", "warmup_scale"]
 
 
 def _classify(model):
@@ -78,10 +79,17 @@ def build_optimizer(cfg, model):
         return torch.optim.SGD(param_groups(model, weight_decay, with_sparse=False), lr=lr,
                                momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
 
-    if not (cfg.OPTIM_ADAMW or cfg.OPTIM_ADAMW_SPAM):
-        raise ValueError("no optimizer selected: set one of OPTIM_ADAMW, OPTIM_ADAMW_SPAM, OPTIM_SGD")
+    if not (cfg.OPTIM_ADAMW or cfg.OPTIM_ADAMW_SPAM or cfg.OPTIM_STABLE_SPAM):
+        raise ValueError("no optimizer selected: set one of OPTIM_ADAMW, OPTIM_ADAMW_SPAM, "
+                         "OPTIM_STABLE_SPAM, OPTIM_SGD")
     betas = (float(cfg.BETA1), float(cfg.BETA2))
     eps = float(cfg.ADAM_EPS)
+
+    if cfg.OPTIM_STABLE_SPAM:
+        return StableSpam(param_groups(model, weight_decay, with_sparse=False), lr=lr, betas=betas,
+                          eps=eps, weight_decay=weight_decay,
+                          gamma1=float(cfg.STABLE_SPAM_GAMMA1), gamma2=float(cfg.STABLE_SPAM_GAMMA2),
+                          gamma3=float(cfg.STABLE_SPAM_GAMMA3), interval=int(cfg.STABLE_SPAM_INTERVAL))
 
     if cfg.OPTIM_ADAMW:
         groups = param_groups(model, weight_decay, with_sparse=False)

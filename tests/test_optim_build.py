@@ -37,13 +37,14 @@ class TinyResNet(nn.Module):
 
 def settings(**overrides):
     base = dict(
-        OPTIM_ADAMW=False, OPTIM_ADAMW_SPAM=True, OPTIM_SGD=False,
+        OPTIM_ADAMW=False, OPTIM_ADAMW_SPAM=True, OPTIM_STABLE_SPAM=False, OPTIM_SGD=False,
         LR=6e-4, WEIGHT_DECAY=0.1, BETA1=0.9, BETA2=0.95, ADAM_EPS=1e-8,
         SGD_MOMENTUM=None, SGD_NESTEROV=None,
         SPAM_ENABLE_CLIP=True, SPAM_THETA=50.0, SPAM_SPIKE_THRESHOLD=2.0,
         SPAM_PERIODIC_RESET=True, SPAM_INTERVAL=1000, SPAM_WARMUP=True, SPAM_WARMUP_STEPS=100,
         SPAM_DENSITY=0.25, SPAM_CLIP_GRACE_STEPS=20, SPAM_ZSCORE_WINDOW=100,
         SPAM_RESET_BIAS_CORRECTION=False, SEED=1337,
+        STABLE_SPAM_GAMMA1=None, STABLE_SPAM_GAMMA2=None, STABLE_SPAM_GAMMA3=None, STABLE_SPAM_INTERVAL=None,
     )
     base.update(overrides)
     return types.SimpleNamespace(**base)
@@ -135,9 +136,11 @@ def test_no_optimizer_selected():
         build_optimizer(settings(OPTIM_ADAMW_SPAM=False), TinyGPT())
 
 
-@pytest.mark.parametrize("choice", ["OPTIM_ADAMW", "OPTIM_ADAMW_SPAM", "OPTIM_SGD"])
+@pytest.mark.parametrize("choice", ["OPTIM_ADAMW", "OPTIM_ADAMW_SPAM", "OPTIM_STABLE_SPAM", "OPTIM_SGD"])
 def test_checkpoint_loads_into_optimizer_built_the_same_way(choice):
-    cfg = settings(**{**dict(OPTIM_ADAMW_SPAM=False, SGD_MOMENTUM=0.9, SGD_NESTEROV=True), choice: True})
+    cfg = settings(**{**dict(OPTIM_ADAMW_SPAM=False, SGD_MOMENTUM=0.9, SGD_NESTEROV=True,
+                             STABLE_SPAM_GAMMA1=0.7, STABLE_SPAM_GAMMA2=0.9, STABLE_SPAM_GAMMA3=0.999,
+                             STABLE_SPAM_INTERVAL=2), choice: True})
     torch.manual_seed(0)
     model = TinyGPT()
     opt = build_optimizer(cfg, model)

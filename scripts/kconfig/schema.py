@@ -63,6 +63,16 @@ FLOAT_RANGES = {
     "ADAM_EPS": interval("(0, 1)"),
     "SGD_MOMENTUM": interval("[0, 1)"),
     "GRAD_CLIP": interval("[0, 1e6]"),
+    # optim/Kconfig.clipping
+    "ZCLIP_ALPHA": interval("(0, 1)"),
+    "ZCLIP_Z_THRESHOLD": interval("(0, 1000]"),
+    "ZCLIP_CLIP_FACTOR": interval("(0, 100]"),
+    "ZCLIP_MAX_NORM": interval("[0, 1e6]"),
+    # optim/Kconfig.rivals
+    "STABLE_SPAM_GAMMA1": interval("[0, 1)"),
+    "STABLE_SPAM_GAMMA2": interval("[0, 1)"),
+    "STABLE_SPAM_GAMMA3": interval("[0, 1)"),
+    "SKIP_STEP_SIGMA": interval("(0, 1000]"),
     # optim/Kconfig.spam
     "SPAM_THETA": interval("(0, 1e12]"),
     "SPAM_SPIKE_THRESHOLD": interval("[0, 1000]"),
