@@ -8,8 +8,8 @@ record is {"bytes": size, "sha256": hex digest}.
 Three checks, from cheap to thorough:
   - check_sizes (every start, in open_token_dataset): each recorded file exists and
     has its recorded size; a .bin of odd length is refused even without a record.
-  - check_token_range (at open for shards up to EAGER_RANGE_TOKENS, else on a shard's
-    first use): no token id at or above the vocabulary size.
+  - check_token_range (at open for a corpus split of up to EAGER_RANGE_TOKENS, else on
+    each shard's first use): no token id at or above the vocabulary size.
   - verify_corpus(folder, full=True): sizes, every sha256 and every token id. The
     trainer runs it the first time a run folder uses a corpus (verify_for_run); it
     is also `make verify-data` (python -m data.integrity).
@@ -40,8 +40,8 @@ from .cache import atomic_write_json, replace_dir, sha256_file
 
 # A vocabulary size for corpora whose meta names only the encoding (hub corpora).
 KNOWN_VOCAB_SIZES = {"gpt2": 50257}
-# A full max over the tokens costs ~1 ms per million; shards up to this size are
-# checked when opened, larger ones on first use (hub shards can be 100M+ tokens).
+# A max over the tokens costs ~1 ms per million: a split up to this size is checked
+# when opened, a larger one shard by shard on first use (a hub corpus can hold 10B tokens).
 EAGER_RANGE_TOKENS = 50_000_000
 RUN_RECORD = "corpus.json"  # in a run folder: the corpus it verified
 _SHARD_SUFFIXES = (".bin", ".docs.npy", ".ids.json")

@@ -122,12 +122,12 @@ class TokenDataset:
         self.prefixes = [str(p) for p in prefixes]
         self.block_size = block_size
         self.tokens = [_read_tokens(p + ".bin") for p in self.prefixes]
-        # token ids >= vocab_size must never reach the embedding: checked now for
-        # small shards, on first use for large ones
+        # token ids >= vocab_size must never reach the embedding: checked now for a
+        # small corpus, on each shard's first use for a large one
         self.vocab_size = vocab_size
         self._range_checked = [False] * len(self.tokens)
-        for k, t in enumerate(self.tokens):
-            if len(t) <= integrity.EAGER_RANGE_TOKENS:
+        if sum(len(t) for t in self.tokens) <= integrity.EAGER_RANGE_TOKENS:
+            for k in range(len(self.tokens)):
                 self._check_range(k)
         self.docs = [np.load(p + ".docs.npy") for p in self.prefixes]
         self.num_tokens = sum(len(t) for t in self.tokens)

@@ -4,6 +4,7 @@ and a preparation killed by SIGKILL."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -90,7 +91,7 @@ def test_large_shards_are_range_checked_on_first_use(tmp_path, monkeypatch):
     from data.text import TokenDataset
     import torch
 
-    monkeypatch.setattr(integrity, "EAGER_RANGE_TOKENS", 10)  # these 20-token shards count as large
+    monkeypatch.setattr(integrity, "EAGER_RANGE_TOKENS", 30)  # these two 20-token shards count as large
     write_shard(tmp_path / "a", [np.arange(20)], [(0, 0, 0)], ["a"])
     write_shard(tmp_path / "b", [np.full(20, 60000)], [(0, 1, 0)], ["b"])
     ds = TokenDataset([str(tmp_path / "a"), str(tmp_path / "b")], block_size=4, vocab_size=50257)
@@ -195,3 +196,10 @@ def test_preparation_killed_half_way_is_never_taken_as_complete(tmp_path):
     assert not list(tmp_path.glob(".corpus.partial-*"))  # and cleared the dead one's leftovers
     assert open_token_dataset(folder, "train", 8).num_tokens == meta["train_tokens"]
     verify_corpus(folder, full=True)
+
+
+def test_make_verify_data(tree, make):
+    """The target reads the settings (the OK and damaged cases: test_verify_data_entry_point)."""
+    r = make("verify-data")  # the default preset's corpus, not prepared in this fresh copy
+    assert r.returncode != 0 and "data_cache/shakespeare_gpt2 does not exist yet; `make train` prepares it" in r.stderr
+    assert re.search(r"^  verify-data +\S", make("help").stdout, re.M)
