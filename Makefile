@@ -31,7 +31,7 @@ HELP_LINE := printf '  %-26s %s\n'
 
 .DEFAULT_GOAL := help
 .PHONY: help menuconfig defconfig $(DEFCONFIG_TARGETS) olddefconfig oldconfig savedefconfig listnewconfig \
-        list-defconfigs diffconfig setconfig settings train sample test bench report compare compare-spikes data-filter clean \
+        list-defconfigs diffconfig setconfig settings train sample test bench report compare compare-spikes data-filter verify-data clean \
         mrproper distclean deps
 
 help:
@@ -54,6 +54,7 @@ help:
 	@$(HELP_LINE) compare 'Train and compare presets: make compare DEFCONFIGS="gpt2-tiny gpt2-tiny-adamw" [SEEDS= JOBS=]'
 	@$(HELP_LINE) compare-spikes 'The spike experiment: AdamW, AdamW+clip, SPAM (seed, paper) with and without spikes'
 	@$(HELP_LINE) data-filter 'Corpus without the documents behind gradient spikes: make data-filter RUN=runs/<name> [OUT= MIN_SPIKES=]'
+	@$(HELP_LINE) verify-data 'Check every file of the configured token corpus: size, sha256, token ids'
 	@$(HELP_LINE) bench 'Run the benchmarks'
 	@$(HELP_LINE) test 'Run the test suite'
 	@echo 'Housekeeping:'
@@ -159,6 +160,9 @@ compare-spikes: | $(DEPS_STAMP)
 data-filter: | $(DEPS_STAMP)
 	@test -n '$(RUN)' || { echo 'make data-filter: name the run folder, e.g. make data-filter RUN=runs/gpt2-tiny' >&2; exit 1; }
 	@$(PY) -m scripts.data_filter $(RUN) $(if $(OUT),--out $(OUT)) $(if $(MIN_SPIKES),--min-spikes $(MIN_SPIKES))
+
+verify-data: $(SETTINGS) | $(DEPS_STAMP)
+	@$(PY) -m data.integrity --settings $(SETTINGS)
 
 bench: | $(DEPS_STAMP)
 	@$(PY) -m scripts.bench

@@ -9,7 +9,8 @@ stream form val, until val holds val_fraction * max_tokens tokens (one shard's w
 when max_tokens is None); every later document is train. Both splits are whole
 documents, so they never share text.
 
-progress.json is rewritten (atomically) after each completed shard with the number of
+progress.json is rewritten (atomically) after each completed shard (whose files' sizes
+and sha256 it records, see integrity.py) with the number of
 documents fully stored and how many tokens of the next one already are, so a restart
 skips exactly those documents and never rewrites a finished shard. The document index
 is the running number of the document in the stream; its id is the `id` column when
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .cache import atomic_write_json
+from .integrity import record_files, shard_file_names
 from .text import write_shard
 from .tokenizer import EOT_TOKEN
 
@@ -63,8 +65,10 @@ class _ShardedStream:
     def flush(self, split, next_document, carry_tokens, finished=False):
         state = self.state
         if self.size:
-            write_shard(self.out_dir / f"{split}_{state['shards'][split]:06d}",
-                        self.arrays, self.rows, self.ids)
+            prefix = self.out_dir / f"{split}_{state['shards'][split]:06d}"
+            write_shard(prefix, self.arrays, self.rows, self.ids)
+            # size and sha256 of the shard's files, checked when the corpus is opened
+            state.setdefault("files", {}).update(record_files(self.out_dir, shard_file_names(prefix)))
             state["shards"][split] += 1
             state["tokens"][split] += self.size
             self.arrays, self.rows, self.ids, self.size = [], [], [], 0
@@ -93,7 +97,8 @@ def prepare_hub_corpus(path, name, split, text_field, out_dir, encoding, shard_t
                     val_fraction=val_fraction, id_field=id_field)
     val_budget = val_fraction * (max_tokens if max_tokens else shard_tokens)
     state = dict(settings=settings, documents_consumed=0, carry_tokens=0, val_done=val_budget == 0,
-                 shards={"val": 0, "train": 0}, tokens={"val": 0, "train": 0}, finished=False)
+                 shards={"val": 0, "train": 0}, tokens={"val": 0, "train": 0}, finished=False,
+                 vocab_size=encoding.n_vocab, files={})
     progress = out_dir / "progress.json"
     if progress.exists():
         saved = json.loads(progress.read_text())

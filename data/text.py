@@ -7,7 +7,9 @@ On-disk layout of one shard with prefix P (e.g. out_dir/train):
               continues from the previous shard (see hub_text.py)
   P.ids.json  the document id of each row of P.docs.npy
 build_token_dataset also writes docs.json (all doc ids; a document index points into
-it) and meta.json, which is written last and records the hash of the inputs.
+it) and meta.json, which records the hash of the inputs and each file's size and
+sha256 (data/integrity.py checks them). It builds in a temporary folder renamed into
+place when complete.
 """
 
 import hashlib
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import integrity
 from .cache import atomic_path, atomic_save_npy, atomic_write_json
 from .sampling import check_ranks, rank_rows, seeded_generator
 from .tokenizer import EOT_TOKEN
@@ -72,9 +75,8 @@ def build_token_dataset(documents, out_dir, encoding, val_fraction=0.1, split_se
     meta_path = out_dir / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta.get("inputs_sha256") == sha:
+        if meta.get("inputs_sha256") == sha and "files" in meta:  # (no "files": an older format)
             return meta
-        meta_path.unlink()  # stale: a crash during the rebuild must not leave it looking valid
 
     ids = [doc_id for doc_id, _ in documents]
     tokens = encoding.encode_ordinary_batch([text for _, text in documents])
@@ -82,18 +84,22 @@ def build_token_dataset(documents, out_dir, encoding, val_fraction=0.1, split_se
         t.append(EOT_TOKEN)  # EOT after every document marks where it ends
     val = set(choose_val_documents([len(t) for t in tokens], val_fraction, split_seed))
     counts = {}
-    for split in ("train", "val"):
-        members = [i for i in range(len(documents)) if (i in val) == (split == "val")]
-        starts = np.cumsum([0] + [len(tokens[i]) for i in members])
-        rows = [(int(starts[k]), i, 0) for k, i in enumerate(members)]
-        write_shard(out_dir / split, [tokens[i] for i in members], rows, [ids[i] for i in members])
-        counts[split] = int(starts[-1])
-    atomic_write_json(out_dir / "docs.json", ids)
-    meta = {"encoding": encoding.name, "vocab_size": encoding.n_vocab,
-            "num_documents": len(documents), "val_documents": len(val),
-            "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "val_fraction": val_fraction, "split_seed": split_seed, "inputs_sha256": sha}
-    atomic_write_json(meta_path, meta)
+    # built aside and renamed into place: a preparation killed half-way leaves out_dir
+    # as it was (absent, or the previous complete corpus)
+    with integrity.prepare_into(out_dir) as work:
+        for split in ("train", "val"):
+            members = [i for i in range(len(documents)) if (i in val) == (split == "val")]
+            starts = np.cumsum([0] + [len(tokens[i]) for i in members])
+            rows = [(int(starts[k]), i, 0) for k, i in enumerate(members)]
+            write_shard(work / split, [tokens[i] for i in members], rows, [ids[i] for i in members])
+            counts[split] = int(starts[-1])
+        atomic_write_json(work / "docs.json", ids)
+        meta = {"encoding": encoding.name, "vocab_size": encoding.n_vocab,
+                "num_documents": len(documents), "val_documents": len(val),
+                "train_tokens": counts["train"], "val_tokens": counts["val"],
+                "val_fraction": val_fraction, "split_seed": split_seed, "inputs_sha256": sha,
+                "files": integrity.record_files(work)}
+        atomic_write_json(work / "meta.json", meta)
     return meta
 
 
@@ -110,12 +116,19 @@ class TokenDataset:
     owns the range of len(shard) - block_size windows after those of shards < k.
     """
 
-    def __init__(self, prefixes, block_size):
+    def __init__(self, prefixes, block_size, vocab_size=None):
         if isinstance(prefixes, (str, Path)):
             prefixes = [prefixes]
         self.prefixes = [str(p) for p in prefixes]
         self.block_size = block_size
         self.tokens = [_read_tokens(p + ".bin") for p in self.prefixes]
+        # token ids >= vocab_size must never reach the embedding: checked now for a
+        # small corpus, on each shard's first use for a large one
+        self.vocab_size = vocab_size
+        self._range_checked = [False] * len(self.tokens)
+        if sum(len(t) for t in self.tokens) <= integrity.EAGER_RANGE_TOKENS:
+            for k in range(len(self.tokens)):
+                self._check_range(k)
         self.docs = [np.load(p + ".docs.npy") for p in self.prefixes]
         self.num_tokens = sum(len(t) for t in self.tokens)
         windows = [max(0, len(t) - block_size) for t in self.tokens]
@@ -141,12 +154,18 @@ class TokenDataset:
         ids = np.empty((len(starts), 2), dtype=np.int64)
         for b, w in enumerate(starts.tolist()):
             shard, pos = self.locate(w)
+            if not self._range_checked[shard]:
+                self._check_range(shard)
             chunk = self.tokens[shard][pos:pos + T + 1]
             x[b], y[b] = chunk[:-1], chunk[1:]
             docs = self.docs[shard]
             row = int(np.searchsorted(docs[:, 0], pos, side="right") - 1)
             ids[b] = docs[row, 1], pos - docs[row, 0] + docs[row, 2]
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)
+
+    def _check_range(self, shard):
+        integrity.check_token_range(self.prefixes[shard] + ".bin", self.tokens[shard], self.vocab_size)
+        self._range_checked[shard] = True
 
     def doc_id(self, doc_index):
         """The stored id (file stem, hub id or running number) of a document index."""
@@ -188,18 +207,22 @@ class TextBatchSampler:
 
 
 def open_token_dataset(out_dir, split, block_size):
-    """TokenDataset for out_dir/<split>.bin or, for a hub corpus, its <split>_NNNNNN shards."""
+    """TokenDataset for out_dir/<split>.bin or, for a hub corpus, its <split>_NNNNNN shards.
+
+    Checks every file's recorded size first (data/integrity.py): a truncated or
+    half-prepared corpus is a one-line CorpusError, never a short or broken dataset."""
     out_dir = Path(out_dir)
-    if (out_dir / f"{split}.bin").exists():
-        return TokenDataset(out_dir / split, block_size)
-    progress = out_dir / "progress.json"
-    if not progress.exists():
+    if not out_dir.is_dir():
         raise FileNotFoundError(f"no {split} tokens in {out_dir}; prepare the dataset first")
-    state = json.loads(progress.read_text())
-    if not state["finished"]:
+    meta_path, meta = integrity.read_meta(out_dir)
+    integrity.check_sizes(out_dir, meta)
+    vocab = integrity.vocab_size(meta)
+    if meta_path.name == "meta.json":
+        return TokenDataset(out_dir / split, block_size, vocab)
+    if not meta["finished"]:
         raise RuntimeError(f"{out_dir} is only partly prepared; run the preparation again "
                            f"to resume it")
-    count = state["shards"][split]
+    count = meta["shards"][split]
     if count == 0:
         raise FileNotFoundError(f"{out_dir} has no {split} shards")
-    return TokenDataset([str(out_dir / f"{split}_{k:06d}") for k in range(count)], block_size)
+    return TokenDataset([str(out_dir / f"{split}_{k:06d}") for k in range(count)], block_size, vocab)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from data.cache import atomic_write_json, corpus_folder, replace_dir
+from data.integrity import record_files
 from data.text import write_shard
 
 DEFAULT_OUT = "filtered_corpus"
@@ -193,6 +194,7 @@ def write_filtered_corpus(corpus: Path, out: Path, documents: dict, run_dir: Pat
             state = json.loads((corpus / "progress.json").read_text())
             state["tokens"] = tokens
             state["filtered"] = filtered
+            state["files"] = record_files(work)  # this copy's files, not the source's
             atomic_write_json(work / "progress.json", state)
         if (corpus / "meta.json").exists():
             meta = json.loads((corpus / "meta.json").read_text())
@@ -201,6 +203,7 @@ def write_filtered_corpus(corpus: Path, out: Path, documents: dict, run_dir: Pat
             meta.pop("inputs_sha256", None)
             meta.update({f"{split}_tokens": n for split, n in tokens.items()})
             meta["filtered"] = filtered
+            meta["files"] = record_files(work)  # this copy's files, not the source's
             atomic_write_json(work / "meta.json", meta)  # last, as build_token_dataset does
         os.chmod(work, 0o755)
         _replace_dir(work, out)

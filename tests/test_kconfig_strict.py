@@ -34,6 +34,12 @@ BAD = [
      "SPAM_WARMUP_STEPS"),
     ("step-list", ["CONFIG_FAULT_INJECTION=y", 'CONFIG_FAULT_NAN_STEPS="10,x"'],
      ["FAULT_INJECTION=y", "FAULT_NAN_STEPS=10,x"], "FAULT_NAN_STEPS"),
+    # folders a run writes into (docs/reliability.md): not empty, not a root, not the source tree
+    ("out-dir-empty", ['CONFIG_OUT_DIR=""'], ["OUT_DIR="], "OUT_DIR"),
+    ("out-dir-root", ['CONFIG_OUT_DIR="/"'], ["OUT_DIR=/"], "OUT_DIR"),
+    ("out-dir-source-tree", ['CONFIG_OUT_DIR="."'], ["OUT_DIR=."], "OUT_DIR"),
+    ("data-dir-empty", ['CONFIG_DATA_DIR=""'], ["DATA_DIR="], "DATA_DIR"),
+    ("data-dir-source-tree", ['CONFIG_DATA_DIR="runs/.."'], ["DATA_DIR=runs/.."], "DATA_DIR"),
 ]
 FILE_ONLY = [
     ("malformed-line", ["CONFIG_BATCH_SIZE 12"], None),

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from trainutil import REPO, env, make_settings, metrics, run_train, train_cmd
+from trainutil import REPO, env, kconfig, make_settings, metrics, run_train, train_cmd
 
 
 def final_checkpoint(run):
@@ -129,6 +129,12 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_resume_refuses_changed_settings(tmp_path):
     settings = make_settings(tmp_path, MAX_ITERS=4, CKPT_INTERVAL=2)
     run_train(settings)
+    # setconfig already refuses to point the configuration at a folder holding another run
+    refused = kconfig("setconfig", "LR=2e-3", config=tmp_path / ".config", check=False)
+    assert refused.returncode != 0 and "holds a run with different settings (LR=" in refused.stderr
+    # the trainer checks again against the checkpoint itself: here the folder lost the
+    # settings.py the trainer keeps, so only the checkpoint remembers the run's settings
+    (tmp_path / "run" / "settings.py").unlink()
     changed = make_settings(tmp_path, MAX_ITERS=4, CKPT_INTERVAL=2, LR="2e-3")
     r = run_train(changed, check=False)
     assert r.returncode != 0 and "different settings (LR)" in r.stderr

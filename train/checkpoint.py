@@ -4,12 +4,16 @@ A checkpoint is written to a temporary file in the same folder, flushed and
 fsynced, then renamed over its final name and the folder fsynced, so a kill
 at any instant leaves either the old set of checkpoints or the new one, never
 a half-written file under a checkpoint's name. Older checkpoints are deleted
-only after the new one is safely on disk. Loading uses
+only after the new one is safely on disk. A write that fails (a full disk:
+ENOSPC, a quota, an I/O error) removes its temporary file and stops the run with
+one line; the older checkpoints are untouched and `make train` resumes from the
+newest of them. Loading uses
 torch.load(weights_only=True): a checkpoint can hold tensors and plain data,
 never code.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -41,19 +45,61 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+class CheckpointWriteError(SystemExit):
+    """A checkpoint could not be written; the message (one line) says why and what is intact."""
+
+
 def save_checkpoint(state: dict, folder: Path, step: int, keep: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(folder, step)
     tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    writer = None
+    try:
+        with open(tmp, "wb") as f:
+            writer = _ErrorKeepingWriter(f)
+            torch.save(state, writer)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)  # frees the space the partial file took
+        cause = writer.error if writer is not None and writer.error is not None else e
+        raise CheckpointWriteError(_write_failure(final, cause)) from None
     os.replace(tmp, final)
     _fsync_dir(folder)
     for old in list_checkpoints(folder)[keep:]:
         old.unlink(missing_ok=True)
     return final
+
+
+class _ErrorKeepingWriter:
+    """The file torch.save writes to, remembering the OSError of a failed write: torch
+    replaces it by an opaque RuntimeError ("unexpected pos ..."), and the user needs
+    to read "No space left on device"."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error = None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self._f.flush()
+
+
+def _write_failure(final: Path, e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        why = f"{e.strerror or os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})"
+    else:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    older = list_checkpoints(final.parent)
+    kept = (f"the previous checkpoints are intact (latest: {older[0].name}); free space, then `make train` "
+            "resumes from it") if older else "no earlier checkpoint exists; free space and `make train` again"
+    return f"error: could not write checkpoint {final}: {why}; {kept}"
 
 
 def load_latest_checkpoint(folder: Path, map_location="cpu", log=print) -> tuple[dict, Path] | None:

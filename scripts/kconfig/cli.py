@@ -18,7 +18,7 @@ from . import diffconfig as diff
 from .atomic import read_bytes_or_none, write_bytes_atomically, write_text_atomically
 from .settings import DEFAULT_PATH as SETTINGS_PATH
 from .settings import write_settings
-from .strict import ConfigError, command_line_layer, load, open_kconfig, read_layer
+from .strict import ConfigError, check_run_folder, command_line_layer, load, open_kconfig, read_layer
 
 DEFCONFIG_DIR = "defconfigs"
 FRAGMENT_DIR = os.path.join(DEFCONFIG_DIR, "fragments")
@@ -147,12 +147,14 @@ def cmd_setconfig(args):
     if not new.assignments:
         raise ConfigError("<setconfig>", "nothing to set", valid="NAME=VALUE ..., e.g. SPAM_INTERVAL=500")
     load(kconf, [base, new], check_from=1)
+    check_run_folder(kconf, [base, new])
     save_config(kconf, path)
 
 
 def cmd_settings(args):
     kconf = open_kconfig()
     path = load_current(kconf)
+    check_run_folder(kconf, [read_layer(kconf, path)])
     write_settings(kconf, path, args.out)
     print("Settings written to {}".format(args.out))
 

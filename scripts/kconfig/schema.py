@@ -163,3 +163,42 @@ CROSS_RULES = (
               "SPAM_CLIP_GRACE_STEPS={SPAM_CLIP_GRACE_STEPS} is not below SPAM_INTERVAL={SPAM_INTERVAL}",
               "SPAM_CLIP_GRACE_STEPS < SPAM_INTERVAL"),
 )
+
+
+# --------------------------------------------------------------------------
+# Folders a run writes into
+
+# The run folder and the data cache: a run writes (and may replace) files there,
+# so neither may be empty (the current folder), a filesystem root, or a source
+# tree (the folder holding the Kconfig files, or any folder holding a Kconfig).
+SAFE_FOLDERS = ("OUT_DIR", "DATA_DIR")
+_SAFE_FOLDER_VALID = 'a folder of its own, e.g. "runs/my-run" or "data_cache" (not "", "/", "." or the source tree)'
+
+
+def check_safe_folder(name, text, srctree):
+    """ValueError(problem, valid) when folder symbol `name` = `text` is unsafe to write into.
+    Relative paths are taken from the current folder, as the tools run them."""
+    import os
+
+    if not text.strip():
+        raise ValueError("is empty: the run would write into the current folder", _SAFE_FOLDER_VALID)
+    path = os.path.realpath(os.path.expanduser(text))
+    if os.path.dirname(path) == path:
+        raise ValueError("{!r} is a filesystem root".format(text), _SAFE_FOLDER_VALID)
+    if path == os.path.realpath(srctree) or os.path.isfile(os.path.join(path, "Kconfig")):
+        raise ValueError("{!r} is a source tree (it holds the Kconfig files)".format(text), _SAFE_FOLDER_VALID)
+
+
+# Settings that may differ when a run is resumed: they change what is logged or
+# kept, not what is computed. Anything else must match the run folder's run (the
+# trainer checks the checkpoint; setconfig and settings check the folder's settings.py).
+RESUMABLE_CHANGES = frozenset({
+    "EVAL_INTERVAL", "EVAL_BATCHES", "LOG_INTERVAL", "CKPT_INTERVAL", "CKPT_KEEP", "TENSORBOARD",
+    "SAMPLE_TOKENS", "SAMPLE_TEMPERATURE", "SAMPLE_TOP_K", "SAMPLE_PROMPT", "MAX_NONFINITE_STEPS",
+    "DATA_DIR", "COMPILE"})
+
+
+def settings_diff(saved, current):
+    """Names of the settings that make `current` a different run from `saved` (both dicts)."""
+    keys = sorted(set(saved) | set(current))
+    return [k for k in keys if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]

@@ -352,6 +352,7 @@ def _verify(kconf, layers, check_from):
             _check_taken(sym, a)
 
     _check_strings(kconf, layers, effective)
+    _check_folders(kconf, layers, effective)
     _check_cross_rules(kconf, layers, effective)
 
 
@@ -445,6 +446,53 @@ def _check_strings(kconf, layers, effective):
             where, line, _, assigned = _blame(layers, effective, [name])
             problem = e.args[0] + ("" if assigned else " (the Kconfig default)")
             raise ConfigError(where, problem, name, line, e.args[1]) from None
+
+
+def _check_folders(kconf, layers, effective):
+    """OUT_DIR and DATA_DIR are folders a run may write into (schema.check_safe_folder)."""
+    for name in schema.SAFE_FOLDERS:
+        sym = kconf.syms.get(name)
+        if sym is None or not sym.nodes or not sym.config_string:
+            continue
+        try:
+            schema.check_safe_folder(name, sym.str_value, kconf.srctree or os.getcwd())
+        except ValueError as e:
+            where, line, _, assigned = _blame(layers, effective, [name])
+            problem = e.args[0] + ("" if assigned else " (the Kconfig default)")
+            raise ConfigError(where, problem, name, line, e.args[1]) from None
+
+
+def check_run_folder(kconf, layers):
+    """Refuse a configuration whose OUT_DIR holds another run: a folder with checkpoints
+    or metrics and a settings.py (kept there by the trainer) whose settings differ in
+    more than schema.RESUMABLE_CHANGES. Called by setconfig and settings, before
+    anything is written; the trainer makes the same check against its checkpoint."""
+    from .settings import SettingsError, load_settings
+
+    sym = kconf.syms.get("OUT_DIR")
+    if sym is None or not sym.config_string or not sym.str_value.strip():
+        return
+    folder = os.path.expanduser(sym.str_value)
+    kept = os.path.join(folder, "settings.py")
+    checkpoints = os.path.join(folder, "checkpoints")
+    has_run = os.path.isfile(os.path.join(folder, "metrics.jsonl")) or (
+        os.path.isdir(checkpoints) and any(n.startswith("ckpt_") for n in os.listdir(checkpoints)))
+    if not has_run or not os.path.isfile(kept):
+        return
+    try:
+        saved = load_settings(kept, check_fresh=False).as_dict()
+    except SettingsError:
+        return  # not ours to judge; the trainer still compares with the checkpoint
+    changed = schema.settings_diff(saved, typed_values(kconf))
+    if not changed:
+        return
+    effective = _effective(layers)
+    where, line, name, _ = _blame(layers, effective, changed)  # the setting that makes it another run
+    shown = ", ".join("{}={!r} there".format(k, saved.get(k)) for k in changed[:3])
+    more = ", ..." if len(changed) > 3 else ""
+    raise ConfigError(where, "OUT_DIR {} holds a run with different settings ({}{})".format(
+        sym.str_value, shown, more), name, line,
+        "a new OUT_DIR in the same command (make compare: OUT=<another folder>), or the run's settings to resume it")
 
 
 def _check_cross_rules(kconf, layers, effective):
