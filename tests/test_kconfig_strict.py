@@ -34,6 +34,17 @@ BAD = [
      "SPAM_WARMUP_STEPS"),
     ("step-list", ["CONFIG_FAULT_INJECTION=y", 'CONFIG_FAULT_NAN_STEPS="10,x"'],
      ["FAULT_INJECTION=y", "FAULT_NAN_STEPS=10,x"], "FAULT_NAN_STEPS"),
+    ("tokenizer-choice-loses", ["CONFIG_TOKENIZER_GPT2=y", "CONFIG_TOKENIZER_BYTES=y"],
+     ["TOKENIZER_GPT2=y", "TOKENIZER_BYTES=y"], "TOKENIZER_GPT2"),
+    ("spike-rows-out-of-range", ["CONFIG_FAULT_INJECTION=y", "CONFIG_FAULT_SPIKE_EMBED_ROWS=y",
+                                 "CONFIG_FAULT_SPIKE_ROWS=0"],
+     ["FAULT_INJECTION=y", "FAULT_SPIKE_EMBED_ROWS=y", "FAULT_SPIKE_ROWS=0"], "FAULT_SPIKE_ROWS"),
+    ("spike-layer-not-a-path", ["CONFIG_FAULT_INJECTION=y", "CONFIG_FAULT_SPIKE_ONE_LAYER=y",
+                                'CONFIG_FAULT_SPIKE_LAYER="h.1/attn"'],
+     ["FAULT_INJECTION=y", "FAULT_SPIKE_ONE_LAYER=y", "FAULT_SPIKE_LAYER=h.1/attn"], "FAULT_SPIKE_LAYER"),
+    ("spike-layer-empty", ["CONFIG_FAULT_INJECTION=y", "CONFIG_FAULT_SPIKE_ONE_LAYER=y",
+                           'CONFIG_FAULT_SPIKE_LAYER=""'],
+     ["FAULT_INJECTION=y", "FAULT_SPIKE_ONE_LAYER=y", "FAULT_SPIKE_LAYER="], "FAULT_SPIKE_LAYER"),
 ]
 FILE_ONLY = [
     ("malformed-line", ["CONFIG_BATCH_SIZE 12"], None),
