@@ -13,7 +13,7 @@ KCONFIG_CONFIG ?= .config
 export KCONFIG_CONFIG
 KCONFIG := $(PY) -m scripts.kconfig
 SETTINGS := generated/settings.py
-DEFAULT_DEFCONFIG := gpt2-tiny
+DEFAULT_DEFCONFIG := gpt-bytes
 NPROC ?= 1
 
 # Presets: every file in defconfigs/ (its fragments/ folder holds fragments).

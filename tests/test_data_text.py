@@ -185,8 +185,13 @@ def test_corpus_folder_names_the_corpus_a_run_reads():
     base = {"DATA_DIR": "cache", "DATA_PREPARED_DIR": "", "DATA_SHAKESPEARE": False,
             "DATA_FINEWEB_EDU": False, "DATA_OPENWEBTEXT": False}
     assert corpus_folder({**base, "DATA_SHAKESPEARE": True}) == Path("cache/shakespeare_gpt2")
-    assert corpus_folder({**base, "DATA_FINEWEB_EDU": True}) == Path("cache/fineweb-edu")
-    assert corpus_folder({**base, "DATA_OPENWEBTEXT": True}) == Path("cache/openwebtext")
+    assert corpus_folder({**base, "DATA_FINEWEB_EDU": True}) == Path("cache/fineweb-edu_gpt2")
+    assert corpus_folder({**base, "DATA_OPENWEBTEXT": True}) == Path("cache/openwebtext_gpt2")
+    # each tokenizer has its own folder, so the two corpora can never mix
+    byte_level = {**base, "TOKENIZER_GPT2": False, "TOKENIZER_BYTES": True}
+    assert corpus_folder({**byte_level, "DATA_SHAKESPEARE": True}) == Path("cache/shakespeare_bytes")
+    assert corpus_folder({**byte_level, "DATA_FINEWEB_EDU": True}) == Path("cache/fineweb-edu_bytes")
+    assert corpus_folder({**byte_level, "DATA_OPENWEBTEXT": True}) == Path("cache/openwebtext_bytes")
     # a run on a filtered corpus (make data-filter) reads that folder, whatever the dataset
     assert corpus_folder({**base, "DATA_SHAKESPEARE": True, "DATA_PREPARED_DIR": "runs/a/filtered_corpus"}) \
         == Path("runs/a/filtered_corpus")

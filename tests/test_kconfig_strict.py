@@ -40,6 +40,17 @@ BAD = [
     ("out-dir-source-tree", ['CONFIG_OUT_DIR="."'], ["OUT_DIR=."], "OUT_DIR"),
     ("data-dir-empty", ['CONFIG_DATA_DIR=""'], ["DATA_DIR="], "DATA_DIR"),
     ("data-dir-source-tree", ['CONFIG_DATA_DIR="runs/.."'], ["DATA_DIR=runs/.."], "DATA_DIR"),
+    ("tokenizer-choice-loses", ["CONFIG_TOKENIZER_GPT2=y", "CONFIG_TOKENIZER_BYTES=y"],
+     ["TOKENIZER_GPT2=y", "TOKENIZER_BYTES=y"], "TOKENIZER_GPT2"),
+    ("spike-rows-out-of-range", ["CONFIG_FAULT_INJECTION=y", "CONFIG_FAULT_SPIKE_EMBED_ROWS=y",
+                                 "CONFIG_FAULT_SPIKE_ROWS=0"],
+     ["FAULT_INJECTION=y", "FAULT_SPIKE_EMBED_ROWS=y", "FAULT_SPIKE_ROWS=0"], "FAULT_SPIKE_ROWS"),
+    ("spike-layer-not-a-path", ["CONFIG_FAULT_INJECTION=y", "CONFIG_FAULT_SPIKE_ONE_LAYER=y",
+                                'CONFIG_FAULT_SPIKE_LAYER="h.1/attn"'],
+     ["FAULT_INJECTION=y", "FAULT_SPIKE_ONE_LAYER=y", "FAULT_SPIKE_LAYER=h.1/attn"], "FAULT_SPIKE_LAYER"),
+    ("spike-layer-empty", ["CONFIG_FAULT_INJECTION=y", "CONFIG_FAULT_SPIKE_ONE_LAYER=y",
+                           'CONFIG_FAULT_SPIKE_LAYER=""'],
+     ["FAULT_INJECTION=y", "FAULT_SPIKE_ONE_LAYER=y", "FAULT_SPIKE_LAYER="], "FAULT_SPIKE_LAYER"),
 ]
 FILE_ONLY = [
     ("malformed-line", ["CONFIG_BATCH_SIZE 12"], None),

@@ -67,6 +67,20 @@ def test_presets_hold_what_they_promise(kconf):
     assert v["OPTIM_ADAMW"] == "y" and v["OUT_DIR"] == "runs/gpt2-tiny-adamw" and "SPAM_THETA" not in v
     assert all(v[k] == tiny[k] for k in ("MAX_ITERS", "LR", "MIN_LR", "BETA2", "BATCH_SIZE", "EVAL_INTERVAL"))
 
+    # the default run: a byte-level GPT at nanoGPT's shakespeare_char CPU shape
+    v = values("gpt-bytes")
+    assert (v["GPT2_CUSTOM"], v["TOKENIZER_BYTES"], v["DATA_SHAKESPEARE"], v["OPTIM_ADAMW_SPAM"]) == ("y",) * 4
+    assert (v["GPT2_N_LAYER"], v["GPT2_N_HEAD"], v["GPT2_N_EMBD"], v["GPT2_BLOCK_SIZE"]) == ("4", "4", "128", "64")
+    assert (v["BATCH_SIZE"], v["LR"], v["MIN_LR"], v["BETA2"], v["GPT2_DROPOUT"]) == ("12", "1e-3", "1e-4", "0.99", "0.0")
+    assert (v["MAX_ITERS"], v["OUT_DIR"], v["TOKENIZER_GPT2"]) == ("2000", "runs/gpt-bytes", "n")
+    byte_spam = v
+    v = values("gpt-bytes-adamw")
+    assert v["OPTIM_ADAMW"] == "y" and v["OUT_DIR"] == "runs/gpt-bytes-adamw" and "SPAM_THETA" not in v
+    # the twin differs in the optimizer (and its own settings) and the output folder only
+    spam_only = {"OPTIM_ADAMW_SPAM", "OPTIM_ADAMW", "OUT_DIR"} | {k for k in byte_spam if k.startswith("SPAM_")}
+    assert {k: x for k, x in v.items() if k not in spam_only} == \
+        {k: x for k, x in byte_spam.items() if k not in spam_only}
+
     for name, model, data in (("resnet18", "MODEL_RESNET18", "DATA_CIFAR10"),
                               ("resnet50", "MODEL_RESNET50", "DATA_CIFAR100")):
         v = values(name)

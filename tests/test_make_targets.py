@@ -37,9 +37,10 @@ def test_settings_from_a_preset_are_typed(tree, make):
 
 def test_missing_config_comes_from_the_default_preset(tree, make):
     result = make("settings", check=True)
-    assert "no .config yet" in result.stdout and "gpt2-tiny" in result.stdout
-    assert "CONFIG_OUT_DIR=\"runs/gpt2-tiny\"" in (tree / ".config").read_text()
-    assert load_settings(tree / "generated" / "settings.py").OUT_DIR == "runs/gpt2-tiny"
+    assert "no .config yet" in result.stdout and "defconfigs/gpt-bytes" in result.stdout
+    assert "CONFIG_OUT_DIR=\"runs/gpt-bytes\"" in (tree / ".config").read_text()
+    cfg = load_settings(tree / "generated" / "settings.py")
+    assert cfg.OUT_DIR == "runs/gpt-bytes" and cfg.TOKENIZER_BYTES is True
 
 
 def test_settings_is_a_real_file_target(tree, make):

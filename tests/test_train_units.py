@@ -81,7 +81,10 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 
 def _fault_cfg(**kw):
     base = dict(FAULT_INJECTION=True, SEED=0, FAULT_SPIKE_STEPS="", FAULT_SPIKE_PROB=0.0,
-                FAULT_SPIKE_FACTOR=1000.0, FAULT_OUTLIER_STEPS="", FAULT_NAN_STEPS="")
+                FAULT_SPIKE_FACTOR=1000.0, FAULT_OUTLIER_STEPS="", FAULT_NAN_STEPS="",
+                FAULT_SPIKE_WHOLE=True, FAULT_SPIKE_EMBED_ROWS=False, FAULT_SPIKE_ONE_LAYER=False,
+                FAULT_SPIKE_HEAD=False, FAULT_SPIKE_ROWS=None, FAULT_SPIKE_LAYER=None,
+                FAULT_OUTLIER_REPEAT=True, FAULT_OUTLIER_RANDOM=False)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
@@ -89,10 +92,11 @@ def _fault_cfg(**kw):
 def test_fault_steps_parse_and_spike_multiplies_gradients():
     assert parse_steps("3, 7,11") == {3, 7, 11} and parse_steps("") == frozenset()
     faults = FaultInjector(_fault_cfg(FAULT_SPIKE_STEPS="2"))
-    p = torch.nn.Parameter(torch.zeros(3))
+    model = torch.nn.Module()
+    model.w = p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.tensor([1.0, -2.0, 0.5])
-    assert not faults.inject_gradient_spike(1, [p])
-    assert faults.inject_gradient_spike(2, [p])
+    assert faults.inject_gradient_spike(1, model) == []
+    assert faults.inject_gradient_spike(2, model) == ["w"]
     assert torch.equal(p.grad, torch.tensor([1000.0, -2000.0, 500.0]))
 
 

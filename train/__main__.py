@@ -28,7 +28,9 @@ def main(argv=None) -> int:
 
 def print_summary(summary: dict) -> None:
     lines = ["", f"run folder: {summary['run_dir']}  ({summary['steps']} steps)"]
-    if "val_ppl" in summary:
+    if "val_bpb" in summary:  # byte tokenizer: the loss is nats per byte
+        lines.append(f"val loss:   {summary['val_loss']:.4f} nats/byte   ({summary['val_bpb']:.4f} bits/byte)")
+    elif "val_ppl" in summary:
         lines.append(f"val loss:   {summary['val_loss']:.4f}   (perplexity {summary['val_ppl']:.1f})")
     elif "val_loss" in summary:
         lines.append(f"val loss:   {summary['val_loss']:.4f}")

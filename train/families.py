@@ -37,17 +37,23 @@ def total_iters_for(cfg, steps_per_epoch: int) -> int:
 
 
 class GPTFamily:
-    """GPT-2 on a token corpus: next-token cross-entropy; val loss and perplexity."""
+    """GPT-2 on a token corpus: next-token cross-entropy; val loss and perplexity (and
+    bits per byte for the byte tokenizer). The tokenizer is the settings' choice
+    (data.tokenizer.encoding_for); the model's vocabulary is the tokenizer's."""
 
     unit = "tokens"
 
     def __init__(self, cfg, info: DistInfo):
         from data.text import TextBatchSampler, open_token_dataset
-        from data.tokenizer import gpt2_encoding
+        from data.tokenizer import CorpusTokenizerError, check_corpus_encoding, encoding_for
 
         self.cfg, self.info = cfg, info
-        self.encoding = gpt2_encoding()
+        self.encoding = encoding_for(cfg)
         corpus_dir = self._prepare_corpus()
+        try:
+            check_corpus_encoding(corpus_dir, self.encoding)
+        except CorpusTokenizerError as e:
+            raise SystemExit(f"error: {e}") from None
         self.train_data = open_token_dataset(corpus_dir, "train", cfg.GPT2_BLOCK_SIZE)
         self.val_data = open_token_dataset(corpus_dir, "val", cfg.GPT2_BLOCK_SIZE)
         self.sampler = TextBatchSampler(len(self.train_data), cfg.BATCH_SIZE, info.rank,
@@ -75,7 +81,8 @@ class GPTFamily:
         cfg = self.cfg
         if cfg.DATA_SHAKESPEARE:
             from data.shakespeare import prepare_shakespeare
-            prepare_shakespeare(cfg.DATA_DIR, cfg.DATA_VAL_FRACTION)  # into `out`, the same folder
+            prepare_shakespeare(cfg.DATA_DIR, cfg.DATA_VAL_FRACTION,  # into `out`, the same folder
+                                encoding=self.encoding)
         else:
             from data.hub_text import prepare_hub_corpus
             prepare_hub_corpus(cfg.DATA_HF_PATH, cfg.DATA_HF_NAME or None, "train", "text", out,
@@ -85,7 +92,7 @@ class GPTFamily:
 
     def build_model(self):
         from models.gpt2 import build_gpt2
-        return build_gpt2(self.cfg)
+        return build_gpt2(self.cfg, vocab_size=self.encoding.n_vocab)
 
     def units_per_micro_batch(self) -> int:
         return self.cfg.BATCH_SIZE * self.cfg.GPT2_BLOCK_SIZE
@@ -121,7 +128,8 @@ class GPTFamily:
         if self.info.enabled:
             torch.distributed.all_reduce(total)
         val_loss = (total[0] / total[1]).item()
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                **bits_per_byte(val_loss, self.encoding)}
 
     def probe_batch(self, device) -> Batch:
         """MONITOR_PROBE_BATCH fixed held-out sequences for the health monitor's probes."""
@@ -143,10 +151,19 @@ class GPTFamily:
         return generate_text(model, self.encoding, self.cfg, device)
 
 
+def bits_per_byte(loss_nats: float, encoding) -> dict:
+    """{"val_bpb": loss / ln 2} when a token is a byte (the byte tokenizer): the figure
+    character-level results (nanoGPT's shakespeare_char) are given in. {} otherwise:
+    for BPE the bytes per token vary with the text, so nats per token do not convert."""
+    if encoding.name != "bytes":
+        return {}
+    return {"val_bpb": loss_nats / math.log(2)}
+
+
 def generate_text(model, encoding, cfg, device) -> str:
-    """Continue SAMPLE_PROMPT for SAMPLE_TOKENS tokens (seeded, so reruns agree)."""
-    from data.tokenizer import EOT_TOKEN
-    prompt = encoding.encode_ordinary(cfg.SAMPLE_PROMPT) if cfg.SAMPLE_PROMPT else [EOT_TOKEN]
+    """Continue SAMPLE_PROMPT for SAMPLE_TOKENS tokens (seeded, so reruns agree); an empty
+    prompt starts from the tokenizer's end-of-document id, as a new document."""
+    prompt = encoding.encode_ordinary(cfg.SAMPLE_PROMPT) if cfg.SAMPLE_PROMPT else [encoding.eot_token]
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     g = torch.Generator(device=device)
     g.manual_seed(cfg.SEED)

@@ -28,14 +28,15 @@ def main(argv=None) -> int:
         print(f"error: no checkpoint in {ckpt_dir}; run `make train` first", file=sys.stderr)
         return 2
     state, path = restored
-    from data.tokenizer import gpt2_encoding
+    from data.tokenizer import encoding_for
     from models.gpt2 import build_gpt2
     device = pick_device(cfg, 0)
-    model = build_gpt2(cfg)
+    encoding = encoding_for(cfg)  # the run's tokenizer: its vocabulary sizes the model
+    model = build_gpt2(cfg, vocab_size=encoding.n_vocab)
     model.load_state_dict(state["model"])
     model.to(device)
     print(f"# {path} (step {state['step']})", file=sys.stderr)
-    print(generate_text(model, gpt2_encoding(), cfg, device))
+    print(generate_text(model, encoding, cfg, device))
     return 0
 
 

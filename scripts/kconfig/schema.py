@@ -91,6 +91,20 @@ FLOAT_RANGES = {
 # an integer >= 1; empty for none). They stay strings in the settings.
 STEP_LISTS = ("FAULT_SPIKE_STEPS", "FAULT_OUTLIER_STEPS", "FAULT_NAN_STEPS")
 
+# String symbols holding a module path of the model's parameter names
+# ("transformer.h.1.attn"): dotted identifiers, checked against the model at start.
+MODULE_PATHS = ("FAULT_SPIKE_LAYER",)
+_MODULE_PATH_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
+
+
+def parse_module_path(name, text):
+    """The module path of symbol `name`, or ValueError(problem, valid)."""
+    if not _MODULE_PATH_RE.fullmatch(text):
+        raise ValueError("{!r} is not a module path".format(text),
+                         'a dotted parameter-name prefix such as "transformer.h.1.attn"')
+    return text
+
+
 # Decimal notation only: "6e-4", "0.1", "50", "1.", ".5". No "nan", "inf",
 # "1_000", hex floats or surrounding blanks, which float() would accept.
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
@@ -134,6 +148,8 @@ def string_value(name, text):
         return parse_float(name, text)
     if name in STEP_LISTS:
         parse_step_list(name, text)
+    if name in MODULE_PATHS:
+        parse_module_path(name, text)
     return text
 
 

@@ -100,6 +100,8 @@ def _describe_valid(sym):
             schema.FLOAT_RANGES[sym.name], _example_float(sym.name))
     if sym.name in schema.STEP_LISTS:
         return 'a quoted list of comma-separated steps >= 1, e.g. "100,250"'
+    if sym.name in schema.MODULE_PATHS:
+        return 'a quoted dotted parameter-name prefix, e.g. "transformer.h.1.attn"'
     return 'a double-quoted string with \\ and " escaped as \\\\ and \\"'
 
 
@@ -435,8 +437,8 @@ def _blame(layers, effective, names):
 
 
 def _check_strings(kconf, layers, effective):
-    """Float and step-list values, including the Kconfig defaults."""
-    for name in (*schema.FLOAT_RANGES, *schema.STEP_LISTS):
+    """Float, step-list and module-path values, including the Kconfig defaults."""
+    for name in (*schema.FLOAT_RANGES, *schema.STEP_LISTS, *schema.MODULE_PATHS):
         sym = kconf.syms.get(name)
         if sym is None or not sym.nodes or not sym.config_string:
             continue
