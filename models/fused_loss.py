@@ -40,23 +40,27 @@ from __future__ import annotations
 
 import torch
 
-# Chunk sizing. Rows chunking cannot keep a chunk in cache at GPT-2's vocabulary
-# (L2 holds ~10 rows of 50,304 fp32 logits), so the chunk is sized by two costs
-# instead: memory (LOGIT_CHUNK_BYTES of fp32 logits per chunk: a few MB, small
-# beside the rest of a training step) and traffic. Every chunk reads the whole
-# (V, C) weight twice and the fp32 weight gradient once more (read + write),
-# ~4 passes of V*C, against ~6 passes over its own (rows, V) logits; with at
-# least MIN_ROWS_PER_EMBD * C rows, the weight passes add at most a third to
-# the logits traffic the plain path has anyway, and the matmuls stay large.
-LOGIT_CHUNK_BYTES = 8 * 2**20
-MIN_ROWS_PER_EMBD = 2
+# Chunk sizing. A chunk cannot stay in cache at GPT-2's vocabulary (a 2 MB L2
+# holds ~10 rows of 50,304 fp32 logits), and every chunk re-reads the whole
+# (V, C) weight in each of its matmuls, so the size is set by two bounds:
+# - MIN_CHUNK_ROWS: a matmul over r rows does 2r flops per weight element it
+#   loads; r >= 256 keeps the head matmuls compute-bound on CPUs (balance
+#   ~10-20 flops/byte) and close to it on GPUs (~300 for bf16 on an H100),
+#   so chunking costs little time;
+# - LOGIT_CHUNK_BYTES: with a small vocabulary (bytes: 320 padded ids) rows are
+#   cheap, and a chunk grows to 16 MiB of fp32 logits, a few MB-sized tensors
+#   next to the rest of a step.
+# At GPT-2's vocabulary a chunk is then 256 rows, 51 MB of fp32 logits, against
+# 2.5 GB for the 12 x 1024 tokens of a GPT-2 124M micro-batch.
+LOGIT_CHUNK_BYTES = 16 * 2**20
+MIN_CHUNK_ROWS = 256
 
 
-def chunk_rows(n_rows: int, vocab: int, n_embd: int) -> int:
-    """Rows per chunk: LOGIT_CHUNK_BYTES of fp32 logits, at least
-    MIN_ROWS_PER_EMBD * n_embd rows, at most n_rows (then one chunk)."""
+def chunk_rows(n_rows: int, vocab: int) -> int:
+    """Rows per chunk: LOGIT_CHUNK_BYTES of fp32 logits, at least MIN_CHUNK_ROWS,
+    at most n_rows (then one chunk)."""
     by_bytes = LOGIT_CHUNK_BYTES // (4 * vocab)
-    return max(1, min(n_rows, max(by_bytes, MIN_ROWS_PER_EMBD * n_embd)))
+    return max(1, min(n_rows, max(by_bytes, MIN_CHUNK_ROWS)))
 
 
 def _compute_dtypes(h: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
@@ -97,7 +101,9 @@ def _chunked(h, weight, targets, ignore_index: int, rows: int, matmul_dtype, acc
             d = d.to(matmul_dtype)
             if want_grad_h:
                 grad_h_chunks.append(d @ w)
-            if want_grad_w:
+            if want_grad_w and matmul_dtype == acc_dtype:
+                grad_w = torch.addmm(grad_w, d.t(), h_c)  # out of place: vmap cannot write into grad_w
+            elif want_grad_w:
                 grad_w = grad_w + (d.t() @ h_c).to(acc_dtype)
         del logits
     grad_h = torch.cat(grad_h_chunks) if want_grad_h else None
@@ -145,12 +151,12 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
     Equal to F.cross_entropy(h @ weight.T, targets, ignore_index=ignore_index)
     and its gradients; see the module docstring for dtypes. rows: rows per
-    chunk (default chunk_rows(N, V, C)).
+    chunk (default chunk_rows(N, V)).
     """
     if h.dim() != 2 or weight.dim() != 2 or targets.shape != h.shape[:1] or h.size(1) != weight.size(1):
         raise ValueError(f"linear_cross_entropy needs h (N, C), weight (V, C), targets (N,); got "
                          f"{tuple(h.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
-    rows = rows or chunk_rows(h.size(0), weight.size(0), weight.size(1))
+    rows = rows or chunk_rows(h.size(0), weight.size(0))
     matmul_dtype, acc_dtype = _compute_dtypes(h)
     grad_on = torch.is_grad_enabled()
     want_h, want_w = grad_on and h.requires_grad, grad_on and weight.requires_grad

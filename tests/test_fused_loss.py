@@ -120,12 +120,10 @@ def test_bad_shapes_are_refused():
 
 
 def test_chunk_rows():
-    mib = 2**20
-    assert fused_loss.LOGIT_CHUNK_BYTES == 8 * mib
-    assert chunk_rows(10_000, 50304, 128) == 256  # bytes allow 41 rows; the floor is 2 * 128
-    assert chunk_rows(10_000, 50304, 768) == 1536
-    assert chunk_rows(100_000, 320, 128) == 8 * mib // (4 * 320)  # byte vocabulary: the byte budget
-    assert chunk_rows(100, 320, 128) == 100  # never more than the rows there are
+    assert fused_loss.LOGIT_CHUNK_BYTES == 16 * 2**20 and fused_loss.MIN_CHUNK_ROWS == 256
+    assert chunk_rows(10_000, 50304) == 256  # the byte budget allows 83 rows; the floor wins
+    assert chunk_rows(100_000, 320) == 16 * 2**20 // (4 * 320)  # byte vocabulary: the byte budget
+    assert chunk_rows(100, 320) == 100  # never more than the rows there are
 
 
 class LargestTensor(TorchDispatchMode):
@@ -164,7 +162,7 @@ def _tiny_gpt(dtype):
 def test_whole_gpt_gradients_equal_the_plain_path(monkeypatch, dtype, tol):
     # small chunks, so a (3 x 12)-token batch runs through several chunks and a tail
     monkeypatch.setattr(fused_loss, "LOGIT_CHUNK_BYTES", 4 * 48 * 10)
-    monkeypatch.setattr(fused_loss, "MIN_ROWS_PER_EMBD", 0)
+    monkeypatch.setattr(fused_loss, "MIN_CHUNK_ROWS", 0)
     model = _tiny_gpt(dtype)
     g = torch.Generator().manual_seed(1)
     idx, targets = torch.randint(0, 40, (3, 12), generator=g), torch.randint(0, 40, (3, 12), generator=g)
