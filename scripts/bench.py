@@ -19,7 +19,6 @@ import inspect
 import json
 import math
 import os
-import resource
 import shlex
 import shutil
 import statistics
@@ -35,10 +34,9 @@ import torch
 
 from scripts.benchlib import (REPO_ROOT, Context, Pending, Skipped, main, row, section, time_interleaved,
                               time_repeated)
-from scripts.bench_workloads import (ADAMW, STEADY_SPAM, TrainStep, _ms, _pairs, _require, preset_settings,
-                                     preset_settings_path)
+from scripts.bench_workloads import (ADAMW, MATMUL_N, STEADY_SPAM, TrainStep, _ms, _pairs, _require, peak_rss_mb,
+                                     preset_settings, preset_settings_path)
 
-MATMUL_N = 2048  # fp32 peak probe: torch.mm of two MATMUL_N x MATMUL_N matrices
 SCALING_SIZES = ("1M", "10M", "124M")  # optim/bench.py's GPT-2-shaped parameter sets
 
 # Dense bf16 tensor-core peak FLOP/s from the vendors' data sheets (no sparsity).
@@ -194,18 +192,6 @@ def bench_throughput(ctx: Context) -> list:
         row("Achieved / matmul peak", 100 * statistics.median(fractions), "%",
             detail="model FLOP utilisation of this CPU (median of per-pair fractions)"),
     ]
-
-
-def peak_rss_mb() -> float:
-    """High-water RSS of this process image (VmHWM). ru_maxrss is not used: a child
-    created by fork inherits its parent's high-water mark, whatever it runs after exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def rss_child(settings_path: str, steps: int = 3) -> dict:
@@ -404,6 +390,10 @@ def bench_scaling(ctx: Context) -> list:
                           f"amortised over a {mon['cycle']}-step cycle ({intervals})")
     return rows
 
+
+# Issue 10's sections (fused loss, bf16 on CPU, small-model throughput, one
+# gradient norm): registered here, so that they run after the ones above.
+from scripts import bench_kernels  # noqa: E402,F401
 
 # ------------------------------------------------------------------ GPU
 

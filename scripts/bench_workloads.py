@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,21 @@ def preset_settings_path(preset: str, overrides: tuple = ()) -> Path:
 def preset_settings(preset: str, **overrides):
     from scripts.kconfig.settings import load_settings
     return load_settings(preset_settings_path(preset, tuple(sorted(overrides.items()))))
+
+
+MATMUL_N = 2048  # matmul peak probe: torch.mm of two MATMUL_N x MATMUL_N matrices
+
+
+def peak_rss_mb() -> float:
+    """High-water RSS of this process image (VmHWM). ru_maxrss is not used: a child
+    created by fork inherits its parent's high-water mark, whatever it runs after exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 # Settings that make the measured steps the steady state of a long run: no
