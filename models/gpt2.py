@@ -12,6 +12,11 @@ The health monitor needs what the fused path hides, so two probes exist:
 (the same arithmetic, checked against SDPA in tests) and ``residual_stream``
 returns the activations after each block.
 
+Training never materialises the logits: ``forward(idx, targets)`` computes
+the output head and the cross-entropy together in chunks of rows
+(models/fused_loss.py) and returns logits None; ``return_logits=True`` takes
+the plain path (logits, then F.cross_entropy) for callers that need logits.
+
 Vocabulary padding: the GPT-2 tokenizer has 50257 tokens. The embedding/head
 matrices are padded up to a multiple of 64 rows (50304) because matmuls whose
 dimensions are multiples of 64 map cleanly onto GPU tensor-core tiles; the
@@ -31,6 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .fused_loss import linear_cross_entropy
 
 GPT2_VOCAB_SIZE = 50257  # tokens in the GPT-2 BPE (50256 merges/bytes + <|endoftext|>)
 
@@ -224,19 +231,29 @@ class GPT(nn.Module):
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, return_logits: bool = False):
         """idx, targets: (B, T) token ids. Returns (logits, loss).
 
-        With targets: logits (B, T, padded_vocab) and the mean cross-entropy
-        (targets equal to -1 are ignored). Without: logits of the last position
-        only, (B, 1, padded_vocab), and loss None, which is all sampling needs.
+        With targets: the mean cross-entropy over the padded vocabulary width
+        (targets equal to -1 are ignored) and logits None: the output head and
+        the loss are computed together in chunks of rows
+        (models/fused_loss.py), so the (B, T, padded_vocab) logits, the
+        largest tensor of a training step, never exist. With targets and
+        return_logits=True: the plain path, logits (B, T, padded_vocab) and the
+        same loss from F.cross_entropy over them (for probes that need logits).
+        Without targets: logits of the last position only, (B, 1,
+        padded_vocab), or of every position with return_logits=True; loss None.
         """
         x = self._embed(idx)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
+            return self.lm_head(x if return_logits else x[:, [-1], :]), None
+        if not return_logits:
+            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                        ignore_index=-1)
+            return None, loss
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss

@@ -461,9 +461,10 @@ def collapse_residual(steps, losses, tail: int = 1, b_range=(1e-3, 4.0), min_poi
 
 
 def _lm_logits(model, idx: torch.Tensor) -> torch.Tensor:
-    """All-position logits (B, T, V) of a model with the GPT API forward(idx, targets) -> (logits, loss)."""
+    """All-position logits (B, T, V) of a model with the GPT API
+    forward(idx, targets=None, return_logits=False) -> (logits, loss)."""
     idx = idx.contiguous()
-    out = model(idx, idx)  # targets make the model return every position; the loss is unused
+    out = model(idx, return_logits=True)  # every position (training's fused loss returns no logits)
     logits = out[0] if isinstance(out, tuple) else out
     if logits.dim() != 3 or logits.size(1) != idx.size(1):
         raise ValueError("the model must return logits for every position, shaped (B, T, vocab)")

@@ -33,7 +33,8 @@ read after micro-batch n-2. Both therefore need GRAD_ACCUM_STEPS >= 2 (GSNR
 
 Pass the unwrapped model (not the DDP wrapper or torch.compile's module):
 parameter names are the plain named_parameters() names, and the probes call
-the GPT API forward(idx, targets) -> (logits, loss), attention_probs(idx) and
+the GPT API forward(idx, targets=None, return_logits=False) -> (logits, loss),
+attention_probs(idx) and
 residual_stream(idx). Probe metrics a model cannot provide (no
 attention_probs / residual_stream, or float inputs: not a language model)
 are skipped. on_probe uses no collectives, so it may run on rank 0 only; the

@@ -15,12 +15,10 @@ Kconfig tool, exactly as `make train` builds them.
 """
 from __future__ import annotations
 
-import atexit
 import inspect
 import json
 import math
 import os
-import resource
 import shlex
 import shutil
 import statistics
@@ -36,8 +34,9 @@ import torch
 
 from scripts.benchlib import (REPO_ROOT, Context, Pending, Skipped, main, row, section, time_interleaved,
                               time_repeated)
+from scripts.bench_workloads import (ADAMW, MATMUL_N, STEADY_SPAM, TrainStep, _ms, _pairs, _require, peak_rss_mb,
+                                     preset_settings, preset_settings_path)
 
-MATMUL_N = 2048  # fp32 peak probe: torch.mm of two MATMUL_N x MATMUL_N matrices
 SCALING_SIZES = ("1M", "10M", "124M")  # optim/bench.py's GPT-2-shaped parameter sets
 
 # Dense bf16 tensor-core peak FLOP/s from the vendors' data sheets (no sparsity).
@@ -52,108 +51,6 @@ GPU_PEAK_BF16 = (
     ("L40S", 362e12),
     ("L4", 121e12),
 )
-
-
-# ------------------------------------------------------------ dependencies
-
-def _require(module: str, what: str):
-    """Import a module another part of the project provides, or mark the section pending."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise Pending(f"{what} ({module}) is not available yet: {e}") from None
-
-
-@lru_cache(maxsize=None)
-def preset_settings_path(preset: str, overrides: tuple = ()) -> Path:
-    """generated settings of defconfigs/<preset> with NAME=VALUE overrides, via the
-    Kconfig tool in a temporary folder (the working tree's .config is not touched)."""
-    if not (REPO_ROOT / "defconfigs" / preset).is_file():
-        raise Pending(f"preset defconfigs/{preset} is not there yet")
-    _require("scripts.kconfig.settings", "the Kconfig tool")
-    folder = Path(tempfile.mkdtemp(prefix="bench-config-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    env = dict(os.environ, KCONFIG_CONFIG=str(folder / ".config"))
-    tool = [sys.executable, "-m", "scripts.kconfig"]
-    commands = [tool + ["defconfig", f"defconfigs/{preset}"]]
-    if overrides:
-        commands.append(tool + ["setconfig", *(f"{k}={v}" for k, v in overrides)])
-    commands.append(tool + ["settings", str(folder / "settings.py")])
-    for cmd in commands:
-        done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            msg = (done.stderr or done.stdout).strip().splitlines()
-            raise RuntimeError(f"`{' '.join(cmd[2:])}` failed: {msg[-1] if msg else done.returncode}")
-    return folder / "settings.py"
-
-
-def preset_settings(preset: str, **overrides):
-    from scripts.kconfig.settings import load_settings
-    return load_settings(preset_settings_path(preset, tuple(sorted(overrides.items()))))
-
-
-# Settings that make the measured steps the steady state of a long run: no
-# clipping grace period (clipping, gated by the z-score, is then computed from
-# the first step on, as it is after step 20 of a real run).
-STEADY_SPAM = dict(OPTIM_ADAMW_SPAM="y", SPAM_CLIP_GRACE_STEPS=0)
-ADAMW = dict(OPTIM_ADAMW="y")
-
-
-# --------------------------------------------------------------- workloads
-
-class TrainStep:
-    """The trainer's per-step work for one GPT-2 on a fixed random batch (fp32, CPU
-    unless device says otherwise), callable: one call = one optimizer step."""
-
-    def __init__(self, cfg, device="cpu", model=None, autocast=None):
-        from models.gpt2 import build_gpt2
-        optim = _require("optim", "the optimizer package")
-        torch.manual_seed(cfg.SEED)
-        self.cfg = cfg
-        self.model = (model or build_gpt2(cfg)).to(device)
-        self.optimizer = optim.build_optimizer(cfg, self.model)
-        self.compiled = self.model
-        gen = torch.Generator().manual_seed(cfg.SEED)
-        shape = (cfg.BATCH_SIZE, cfg.GPT2_BLOCK_SIZE)
-        self.x = torch.randint(0, self.model.vocab_size, shape, generator=gen).to(device)
-        self.y = torch.randint(0, self.model.vocab_size, shape, generator=gen).to(device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.autocast = autocast
-        self.tokens = cfg.BATCH_SIZE * cfg.GPT2_BLOCK_SIZE
-        self.last_loss = None
-
-    def forward_backward(self):
-        if self.autocast is not None:
-            with self.autocast():
-                _, loss = self.compiled(self.x, self.y)
-        else:
-            _, loss = self.compiled(self.x, self.y)
-        loss.backward()
-        self.last_loss = loss.detach()
-
-    def finish_step(self):
-        if self.cfg.GRAD_CLIP > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.GRAD_CLIP, foreach=True)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params], foreach=True)
-        if not (bool(torch.isfinite(self.last_loss)) and bool(torch.isfinite(norm))):
-            raise RuntimeError("benchmark step produced a non-finite loss or gradient")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def __call__(self):
-        self.forward_backward()
-        self.finish_step()
-
-
-def _pairs(t) -> str:
-    q1, q3 = t.ratio_quartiles
-    return f"{len(t.a)} pairs, per-pair ratios {q1:.3f}-{q3:.3f} (quartiles)"
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
 @lru_cache(maxsize=None)
@@ -295,18 +192,6 @@ def bench_throughput(ctx: Context) -> list:
         row("Achieved / matmul peak", 100 * statistics.median(fractions), "%",
             detail="model FLOP utilisation of this CPU (median of per-pair fractions)"),
     ]
-
-
-def peak_rss_mb() -> float:
-    """High-water RSS of this process image (VmHWM). ru_maxrss is not used: a child
-    created by fork inherits its parent's high-water mark, whatever it runs after exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def rss_child(settings_path: str, steps: int = 3) -> dict:
@@ -505,6 +390,10 @@ def bench_scaling(ctx: Context) -> list:
                           f"amortised over a {mon['cycle']}-step cycle ({intervals})")
     return rows
 
+
+# Issue 10's sections (fused loss, bf16 on CPU, small-model throughput, one
+# gradient norm): registered here, so that they run after the ones above.
+from scripts import bench_kernels  # noqa: E402,F401
 
 # ------------------------------------------------------------------ GPU
 

@@ -77,27 +77,30 @@ class Section:
     title: str
     fn: Callable[[Context], list]
     needs_cuda: bool = False
+    optional: bool = False  # long: runs only when named with --only, not in the default suite
 
 
 SECTIONS: dict[str, Section] = {}  # registration order is run order
 
 
-def section(name: str, title: str, needs_cuda: bool = False):
-    """Decorator: register fn(ctx) -> list of rows as a benchmark section."""
+def section(name: str, title: str, needs_cuda: bool = False, optional: bool = False):
+    """Decorator: register fn(ctx) -> list of rows as a benchmark section
+    (optional: left out of the default suite, run with --only NAME)."""
     def register(fn):
         if name in SECTIONS:
             raise ValueError(f"benchmark section {name!r} registered twice")
-        SECTIONS[name] = Section(name, title, fn, needs_cuda)
+        SECTIONS[name] = Section(name, title, fn, needs_cuda, optional)
         return fn
     return register
 
 
 def select_sections(only: list[str] | None, registry: dict[str, Section] | None = None) -> list[Section]:
-    """The sections to run, in registration order; only=None or [] means all.
-    Names may be given comma-separated. An unknown name is a ValueError."""
+    """The sections to run, in registration order; only=None or [] means all but
+    the optional ones. Names may be given comma-separated. An unknown name is a
+    ValueError."""
     registry = SECTIONS if registry is None else registry
     if not only:
-        return list(registry.values())
+        return [s for s in registry.values() if not s.optional]
     wanted = [n.strip() for item in only for n in item.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in registry]
     if unknown:
@@ -380,7 +383,8 @@ def main(argv=None, registry: dict[str, Section] | None = None, out=print, has_c
     args = build_parser().parse_args(argv)
     if args.list:
         for s in registry.values():
-            out(f"{s.name:14s} {s.title}" + ("  (CUDA only)" if s.needs_cuda else ""))
+            out(f"{s.name:14s} {s.title}" + ("  (CUDA only)" if s.needs_cuda else "")
+                + (f"  (optional: --only {s.name})" if s.optional else ""))
         return 0
     try:
         chosen = select_sections(args.only, registry)

@@ -194,10 +194,25 @@ def test_run_section_statuses():
     assert benchlib.run_section(skipped_inside, ctx)["rows"][0]["detail"] == "skipped: `make` is not installed"
 
 
+def test_optional_sections_run_only_when_named(tmp_path):
+    calls, printed = [], []
+    reg = _registry(calls)
+    reg["long"] = Section("long", "Long one", lambda ctx: calls.append("long") or [row("long", 1.0)], optional=True)
+    assert "long" not in [s.name for s in benchlib.select_sections(None, reg)]
+    assert [s.name for s in benchlib.select_sections(["long,alpha"], reg)] == ["alpha", "long"]
+    assert benchlib.main(["--only", "long", "--out", str(tmp_path)], registry=reg, out=printed.append) == 0
+    assert calls == ["long"]
+    printed.clear()
+    benchlib.main(["--list"], registry=reg, out=printed.append)
+    assert [line for line in printed if "optional" in line] == [
+        "long           Long one  (optional: --only long)"]
+
+
 def test_section_decorator_refuses_duplicates(monkeypatch):
     monkeypatch.setattr(benchlib, "SECTIONS", {})
     benchlib.section("x", "X")(lambda ctx: [])
-    assert list(benchlib.SECTIONS) == ["x"]
+    benchlib.section("y", "Y", optional=True)(lambda ctx: [])
+    assert list(benchlib.SECTIONS) == ["x", "y"] and benchlib.SECTIONS["y"].optional
     with pytest.raises(ValueError, match="registered twice"):
         benchlib.section("x", "again")(lambda ctx: [])
 
@@ -247,7 +262,8 @@ def test_main_list_runs_nothing(tmp_path):
 
 def test_suite_registers_every_figure():
     assert list(benchlib.SECTIONS) == ["optimizer", "e2e", "monitor", "throughput", "memory", "config",
-                                       "scaling", "gpu_mfu"]
+                                       "scaling", "fused_loss", "bf16", "cpu_throughput", "grad_norm",
+                                       "bf16_loss", "gpu_mfu"]
     assert [s.name for s in benchlib.SECTIONS.values() if s.needs_cuda] == ["gpu_mfu"]
 
 

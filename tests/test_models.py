@@ -42,7 +42,7 @@ def random_tokens(B, T, vocab, seed=1):
 def test_forward_shapes_and_loss_is_cross_entropy():
     model = tiny_gpt()
     idx, targets = random_tokens(3, 10, 50, seed=1), random_tokens(3, 10, 50, seed=2)
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
     assert model.config.padded_vocab_size == 64
     assert logits.shape == (3, 10, 64)
     ref = F.cross_entropy(logits.reshape(30, 64), targets.reshape(30))
@@ -60,7 +60,7 @@ def test_loss_ignores_minus_one_targets():
     model = tiny_gpt()
     idx, targets = random_tokens(2, 8, 50, seed=1), random_tokens(2, 8, 50, seed=2)
     targets[0, :3] = -1
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
     keep = targets.reshape(-1) != -1
     ref = F.cross_entropy(logits.reshape(-1, 64)[keep], targets.reshape(-1)[keep])
     assert torch.allclose(loss, ref, atol=1e-6)
@@ -108,7 +108,7 @@ def reference_forward(model, idx):
 def test_forward_matches_plain_reference():
     model = tiny_gpt()
     idx = random_tokens(2, 7, 50)
-    logits, _ = model(idx, torch.zeros_like(idx))
+    logits, _ = model(idx, return_logits=True)
     ref = reference_forward(model, idx)
     assert torch.allclose(logits.double(), ref, atol=1e-5)
 
@@ -118,8 +118,8 @@ def test_causality_future_tokens_do_not_change_past_logits():
     idx = random_tokens(1, 12, 50)
     changed = idx.clone()
     changed[0, 8] = (idx[0, 8] + 1) % 50
-    a, _ = model(idx, torch.zeros_like(idx))
-    b, _ = model(changed, torch.zeros_like(idx))
+    a, _ = model(idx, return_logits=True)
+    b, _ = model(changed, return_logits=True)
     assert torch.equal(a[:, :8], b[:, :8])
     assert not torch.allclose(a[:, 8:], b[:, 8:])
 
@@ -262,7 +262,7 @@ def test_residual_stream_ends_where_forward_logits_come_from():
     assert all(s.shape == (2, 6, 32) for s in stream)
     with torch.no_grad():
         from_stream = model.lm_head(model.transformer.ln_f(stream[-1]))
-        logits, _ = model(idx, torch.zeros_like(idx))
+        logits, _ = model(idx, return_logits=True)
         first = model.transformer.h[0](model.transformer.wte(idx) + model.transformer.wpe(torch.arange(6)))
     assert torch.allclose(from_stream, logits, atol=1e-6)
     assert torch.allclose(stream[0], first, atol=1e-6)
@@ -289,7 +289,7 @@ def test_generate_greedy_and_top_k():
     out = model.generate(prompt, 5, temperature=0)
     seq = prompt
     for _ in range(5):  # reference: argmax over the real vocabulary, one token at a time
-        logits, _ = model(seq, torch.zeros_like(seq))
+        logits, _ = model(seq, return_logits=True)
         seq = torch.cat([seq, logits[:, -1, :50].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
     # top_k=1 sampling is greedy too

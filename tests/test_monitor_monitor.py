@@ -211,7 +211,7 @@ def test_probe_metrics_at_their_interval_match_direct_calls():
         assert got["attn_entropy/L1.H0"] == pytest.approx(heads[0].item(), rel=1e-5)
         assert got["attn_entropy/L1"] == pytest.approx(heads.mean().item(), rel=1e-5)
         model.eval()
-        logits = model(x, x)[0][..., :VOCAB]
+        logits = model(x, return_logits=True)[0][..., :VOCAB]
         assert got["token_entropy"] == pytest.approx(M.token_entropy(logits).item(), rel=1e-5)
         codec = M.codec_score(model, x[:, 4:], x.roll(1, 0)[:, :4])
         model.train()
