@@ -162,7 +162,7 @@ data-filter: | $(DEPS_STAMP)
 	@$(PY) -m scripts.data_filter $(RUN) $(if $(OUT),--out $(OUT)) $(if $(MIN_SPIKES),--min-spikes $(MIN_SPIKES))
 
 verify-data: $(SETTINGS) | $(DEPS_STAMP)
-	@$(PY) -m data.integrity --settings $(SETTINGS)
+	@$(PY) -m scripts.verify_data --settings $(SETTINGS)
 
 bench: | $(DEPS_STAMP)
 	@$(PY) -m scripts.bench

@@ -12,7 +12,7 @@ Three checks, from cheap to thorough:
     each shard's first use): no token id at or above the vocabulary size.
   - verify_corpus(folder, full=True): sizes, every sha256 and every token id. The
     trainer runs it the first time a run folder uses a corpus (verify_for_run); it
-    is also `make verify-data` (python -m data.integrity).
+    is also `make verify-data` (python -m scripts.verify_data).
 
 Every failure is a CorpusError: one line naming the file and the problem, and
 how to re-prepare the corpus.
@@ -233,7 +233,7 @@ def _alive(pid: int) -> bool:
 
 def main(argv=None) -> int:
     """`make verify-data`: fully verify the corpus the settings name (or --corpus FOLDER)."""
-    parser = argparse.ArgumentParser(prog="python -m data.integrity",
+    parser = argparse.ArgumentParser(prog="python -m scripts.verify_data",
                                      description="Check every file of a prepared token corpus: size, sha256, "
                                                  "token ids.")
     parser.add_argument("--settings", type=Path, default=Path("generated/settings.py"))

@@ -201,5 +201,5 @@ def test_preparation_killed_half_way_is_never_taken_as_complete(tmp_path):
 def test_make_verify_data(tree, make):
     """The target reads the settings (the OK and damaged cases: test_verify_data_entry_point)."""
     r = make("verify-data")  # the default preset's corpus, not prepared in this fresh copy
-    assert r.returncode != 0 and "data_cache/shakespeare_gpt2 does not exist yet; `make train` prepares it" in r.stderr
+    assert r.returncode != 0 and "data_cache/shakespeare_bytes does not exist yet; `make train` prepares it" in r.stderr
     assert re.search(r"^  verify-data +\S", make("help").stdout, re.M)

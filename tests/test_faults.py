@@ -21,7 +21,7 @@ def settings(kind="whole", rows=None, layer=None, outlier="repeat", **over):
                   FAULT_SPIKE_EMBED_ROWS=kind == "embed_rows", FAULT_SPIKE_ONE_LAYER=kind == "layer",
                   FAULT_SPIKE_HEAD=kind == "head", FAULT_SPIKE_ROWS=rows, FAULT_SPIKE_LAYER=layer,
                   FAULT_OUTLIER_STEPS="", FAULT_OUTLIER_REPEAT=outlier == "repeat",
-                  FAULT_OUTLIER_RANDOM=outlier == "random", FAULT_NAN_STEPS="",
+                  FAULT_OUTLIER_RANDOM=outlier == "random", FAULT_NAN_STEPS="", FAULT_KILL_STEP=0, FAULT_KILL_RANK=0,
                   TOKENIZER_GPT2=False, TOKENIZER_BYTES=True)
     return SimpleNamespace(**{**values, **over})
 

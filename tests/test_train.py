@@ -213,7 +213,7 @@ def test_fsdp_matches_ddp_and_refuses_what_it_cannot_shard(tmp_path):
     assert state["model"]["transformer.wte.weight"].shape == (50304, 32)
     spam = make_settings(tmp_path / "spam", FSDP="y", **common)
     r = run_train(spam, nproc=2, check=False)
-    assert r.returncode != 0 and "AdamWSpam and the health monitor do not yet handle sharded" in r.stderr
+    assert r.returncode != 0 and "AdamWSpam, Stable-SPAM and the health monitor do not yet handle sharded" in r.stderr
 
 
 def test_missing_settings_is_one_clear_line(tmp_path):

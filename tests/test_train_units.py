@@ -81,7 +81,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 
 def _fault_cfg(**kw):
     base = dict(FAULT_INJECTION=True, SEED=0, FAULT_SPIKE_STEPS="", FAULT_SPIKE_PROB=0.0,
-                FAULT_SPIKE_FACTOR=1000.0, FAULT_OUTLIER_STEPS="", FAULT_NAN_STEPS="",
+                FAULT_SPIKE_FACTOR=1000.0, FAULT_OUTLIER_STEPS="", FAULT_NAN_STEPS="", FAULT_KILL_STEP=0, FAULT_KILL_RANK=0,
                 FAULT_SPIKE_WHOLE=True, FAULT_SPIKE_EMBED_ROWS=False, FAULT_SPIKE_ONE_LAYER=False,
                 FAULT_SPIKE_HEAD=False, FAULT_SPIKE_ROWS=None, FAULT_SPIKE_LAYER=None,
                 FAULT_OUTLIER_REPEAT=True, FAULT_OUTLIER_RANDOM=False)

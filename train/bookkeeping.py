@@ -57,6 +57,9 @@ class Bookkeeper:
                   **outcome.events}
         if hasattr(run.optimizer, "read_telemetry"):
             record.update({f"spam/{k}": v for k, v in run.optimizer.read_telemetry().items()})
+        for prefix, part in (("clip", run.clipper), ("skip_step", run.skipper)):
+            if part is not None:
+                record.update({f"{prefix}/{k}": float(v) for k, v in part.telemetry().items()})
         if run.monitor is not None:
             record.update(run.monitor.metrics())
         run.runlog.log(step, "train", record)
@@ -90,8 +93,15 @@ class Bookkeeper:
                  "elapsed_s": self.elapsed()}
         if run.monitor is not None:
             state["monitor"] = run.monitor.state_dict()
+        for name, part in (("clipper", run.clipper), ("skip_step", run.skipper)):
+            if part is not None:
+                state[name] = part.state_dict()
         if run.info.is_main:
-            save_checkpoint(state, run.ckpt_dir, step, run.cfg.CKPT_KEEP)
+            try:
+                save_checkpoint(state, run.ckpt_dir, step, run.cfg.CKPT_KEEP)
+            except SystemExit:
+                self.progress.close()  # the one-line error must not land on the progress bar's line
+                raise
 
     def close(self) -> None:
         self.progress.close()

@@ -69,11 +69,13 @@ class GPTFamily:
         if out is None:
             raise SystemExit("error: GPT-2 needs a text dataset (DATA_SHAKESPEARE, DATA_FINEWEB_EDU "
                              "or DATA_OPENWEBTEXT)")
-        if cfg.DATA_PREPARED_DIR:
-            return out
         if self.info.is_main:
-            with exclusive(Path(cfg.DATA_DIR) / ".prepare.lock"):  # parallel runs may be preparing it too
-                self._prepare(out)
+            if not cfg.DATA_PREPARED_DIR:
+                with exclusive(Path(cfg.DATA_DIR) / ".prepare.lock"):  # parallel runs may be preparing it too
+                    self._prepare(out)
+            # the full sha256 check, once per run folder (sizes are checked at every open)
+            from data.integrity import verify_for_run
+            verify_for_run(out, Path(cfg.OUT_DIR))
         barrier(self.info)
         return out
 

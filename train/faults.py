@@ -136,17 +136,17 @@ class FaultInjector:
         self.nan_steps = parse_steps(cfg.FAULT_NAN_STEPS)
         self.kill_step = cfg.FAULT_KILL_STEP
         self.kill_rank = cfg.FAULT_KILL_RANK
-
-    def kill_if_due(self, step: int, rank: int) -> None:
-        """SIGKILL this process at FAULT_KILL_STEP on rank FAULT_KILL_RANK: a crash, not an exit."""
-        if self.enabled and self.kill_step and step == self.kill_step and rank == self.kill_rank:
-            os.kill(os.getpid(), signal.SIGKILL)
         # text outliers draw ids from the run's tokenizer (257 for bytes, 50257 for GPT-2)
         from data.tokenizer import vocab_size_for
         self.vocab_size = vocab_size_for(cfg.as_dict() if hasattr(cfg, "as_dict") else vars(cfg))
         self._targets = None  # (id of the model, [(name, parameter)]), resolved once
         if model is not None:
             self.spike_targets(model)
+
+    def kill_if_due(self, step: int, rank: int) -> None:
+        """SIGKILL this process at FAULT_KILL_STEP on rank FAULT_KILL_RANK: a crash, not an exit."""
+        if self.enabled and self.kill_step and step == self.kill_step and rank == self.kill_rank:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def poison_loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         """NaN loss on the listed steps (its gradients become NaN too)."""

@@ -8,7 +8,6 @@ bookkeeping (train/bookkeeping.py) read and update it.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,15 +18,9 @@ from .checkpoint import load_latest_checkpoint, restore_rng_state
 from .distributed import DistInfo, check_ranks_agree, share_checkpoint
 from .families import total_iters_for
 from .runlog import RunLog
+from .precision import autocast_factory
 from .schedule import schedule_from_settings
-
-# Settings that may differ when a run is resumed: they change what is logged or
-# kept, not what is computed. Anything else must match the checkpoint's settings.
-RESUMABLE_CHANGES = {"EVAL_INTERVAL", "EVAL_BATCHES", "LOG_INTERVAL", "CKPT_INTERVAL", "CKPT_KEEP",
-                     "TENSORBOARD", "SAMPLE_TOKENS", "SAMPLE_TEMPERATURE", "SAMPLE_TOP_K", "SAMPLE_PROMPT",
-                     "MAX_NONFINITE_STEPS", "DATA_DIR", "OUT_DIR", "COMPILE", "DIST_TIMEOUT_S",
-                     "FAULT_KILL_STEP", "FAULT_KILL_RANK"}
-
+from scripts.kconfig.schema import RESUMABLE_CHANGES, settings_diff  # noqa: F401  (one rule for setconfig and resume)
 
 @dataclass
 class Run:
@@ -53,6 +46,8 @@ class Run:
     runlog: RunLog
     monitor: object | None
     faults: object
+    clipper: object | None          # optim.clipping: fixed GRAD_CLIP or ZClip (None when off)
+    skipper: object | None          # optim.skip_step: skip-step (None when off)
     start_step: int = 0
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
@@ -76,14 +71,6 @@ def make_family(cfg, info: DistInfo):
     return ImageFamily(cfg, info)
 
 
-def autocast_factory(cfg, device: torch.device):
-    """bf16/fp16 autocast on CUDA; fp32 (no autocast) otherwise."""
-    if device.type == "cuda" and (cfg.DTYPE_BF16 or cfg.DTYPE_FP16):
-        dtype = torch.bfloat16 if cfg.DTYPE_BF16 else torch.float16
-        return lambda: torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext
-
-
 def wrap_model(cfg, model, info: DistInfo):
     """Compile, and replicate with DDP unless FSDP2 already sharded the model."""
     if cfg.COMPILE:
@@ -92,12 +79,6 @@ def wrap_model(cfg, model, info: DistInfo):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     return model
-
-
-def settings_diff(saved: dict, current: dict) -> list[str]:
-    """Names of the settings that differ and may not change across a resume."""
-    keys = sorted(set(saved) | set(current))
-    return [k for k in keys if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
 
 
 def set_up(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) -> Run:
@@ -110,19 +91,17 @@ def set_up(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     check_ranks_agree(info, cfg.as_dict(), family.data_fingerprint())
     model = family.build_model().to(device)
     fsdp = info.enabled and cfg.FSDP
-    if fsdp and (cfg.OPTIM_ADAMW_SPAM or cfg.MONITOR):
-        raise SystemExit("error: FSDP=y works with OPTIM_ADAMW or OPTIM_SGD and MONITOR=n; AdamWSpam and "
-                         "the health monitor do not yet handle sharded (DTensor) parameters: use DDP "
-                         "(FSDP=n), or change those settings")
+    if fsdp and (cfg.OPTIM_ADAMW_SPAM or cfg.OPTIM_STABLE_SPAM or cfg.MONITOR):
+        raise SystemExit("error: FSDP=y works with OPTIM_ADAMW or OPTIM_SGD and MONITOR=n; AdamWSpam, "
+                         "Stable-SPAM and the health monitor do not yet handle sharded (DTensor) parameters: "
+                         "use DDP (FSDP=n), or change those settings")
     if fsdp:  # before the optimizer: sharding replaces the parameters
         from .fsdp import shard_model
         shard_model(model)
     optimizer = build_optimizer(cfg, model)
     use_scaler = device.type == "cuda" and cfg.DTYPE_FP16
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    autocast = autocast_factory(cfg, device)
-    if device.type == "cpu" and (cfg.DTYPE_BF16 or cfg.DTYPE_FP16):
-        say("note: DTYPE_BF16/DTYPE_FP16 apply on CUDA only; training in fp32 on the CPU")
+    autocast = autocast_factory(cfg, device, say)
 
     steps_per_epoch = family.steps_per_epoch()
     total_iters = total_iters_for(cfg, steps_per_epoch)
@@ -132,13 +111,16 @@ def set_up(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     from .monitor_hooks import build_monitor
     monitor = build_monitor(cfg, model, optimizer, family, info, runlog, probe_on_all_ranks=fsdp)
     from .faults import FaultInjector
+    from optim.clipping import build_grad_clipper
+    from optim.skip_step import build_skip_step
 
     run = Run(cfg=cfg, info=info, say=say, family=family, model=model, wrapped=model, optimizer=optimizer,
               scaler=scaler, use_scaler=use_scaler, autocast=autocast, fsdp=fsdp,
               params=[p for p in model.parameters() if p.requires_grad],
               lr_at=schedule_from_settings(cfg, total_iters), total_iters=total_iters,
               steps_per_epoch=steps_per_epoch, out=out, ckpt_dir=out / "checkpoints", runlog=runlog,
-              monitor=monitor, faults=FaultInjector(cfg))
+              monitor=monitor, faults=FaultInjector(cfg, model), clipper=build_grad_clipper(cfg),
+              skipper=build_skip_step(cfg))
     _resume(run)
     runlog.keep_config(config_path, settings_path)
     run.wrapped = wrap_model(cfg, model, info)
@@ -167,6 +149,9 @@ def _resume(run: Run) -> None:
     restore_rng_state(state["rng"])
     if run.monitor is not None and "monitor" in state:
         run.monitor.load_state_dict(state["monitor"])
+    for name, part in (("clipper", run.clipper), ("skip_step", run.skipper)):
+        if part is not None and hasattr(part, "load_state_dict") and name in state:
+            part.load_state_dict(state[name])
     run.start_step = state["step"]
     run.nonfinite_total = state.get("nonfinite_total", 0)
     run.elapsed_before = state.get("elapsed_s", 0.0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checkpoint import load_latest_checkpoint
+from .distributed import all_reduce_mean
 from .setup import Run
 
 
@@ -66,32 +67,38 @@ def _forward_backward(run: Run, step: int) -> tuple[torch.Tensor, list]:
 
 def global_grad_norm(params) -> torch.Tensor:
     """L2 norm over every gradient, as a 0-dim tensor (no host sync)."""
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+    # FSDP2: the norm of sharded gradients is a DTensor holding per-rank partial sums;
+    # full_tensor() reduces them to the global norm every rank agrees on
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def optimizer_step(run: Run, step: int) -> StepOutcome:
     """Optimizer step number step + 1 (the counter the caller holds is 0-based)."""
-    cfg, optimizer, scaler = run.cfg, run.optimizer, run.scaler
+    optimizer, scaler = run.optimizer, run.scaler
     lr = run.lr_at(step) * (run.monitor.lr_factor(step + 1) if run.monitor is not None else 1.0)
     for group in optimizer.param_groups:
         group["lr"] = lr
     step_loss, micro_ids = _forward_backward(run, step)
     run.faults.kill_if_due(step + 1, run.info.rank)
     scaler.unscale_(optimizer)
-    run.faults.inject_gradient_spike(step + 1, run.params)
+    run.faults.inject_gradient_spike(step + 1, run.model)
 
+    grads = [p.grad for p in run.params if p.grad is not None]
     grad_norm = global_grad_norm(run.params)
     decision = run.monitor.before_step(step + 1, micro_ids) if run.monitor is not None else None
-    if cfg.GRAD_CLIP > 0:
-        grads = [p.grad for p in run.params if p.grad is not None]
-        torch.nn.utils.clip_grads_with_norm_(grads, cfg.GRAD_CLIP, grad_norm, foreach=True)
-    # One host sync per step: a NaN must not reach the weights. (With fp16 the
-    # scaler already skips overflowing steps and adjusts its scale.)
-    finite = bool(torch.isfinite(step_loss)) and (run.use_scaler or bool(torch.isfinite(grad_norm)))
+    if run.clipper is not None:
+        run.clipper.clip_(grads, grad_norm)
+    skip = _skip_verdict(run, step_loss, grad_norm)
+    # One host sync per step: a NaN must not reach the weights, and skip-step's
+    # verdict is read in the same transfer. (With fp16 the scaler already skips
+    # overflowing steps and adjusts its scale.)
+    loss_ok, norm_ok, skipped = torch.stack([torch.isfinite(step_loss), torch.isfinite(grad_norm), skip]).tolist()
+    finite = loss_ok and (run.use_scaler or norm_ok)
     if finite:
         run.nonfinite_streak = 0
-        if decision is not None and decision.skip:
-            optimizer.zero_grad(set_to_none=True)  # the spike guard drops this update
+        if (decision is not None and decision.skip) or skipped:
+            optimizer.zero_grad(set_to_none=True)  # the spike guard or skip-step drops this update
         else:
             kwargs = {"grad_norm": grad_norm} if getattr(optimizer, "accepts_grad_norm", False) else {}
             scaler.step(optimizer, **kwargs)
@@ -106,6 +113,18 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
         if decision is not None and decision.rollback:
             events = {"rollback": 1, "rollback_to": rollback(run, step + 1)}
     return StepOutcome(loss=step_loss, grad_norm=grad_norm, lr=lr, finite=finite, events=events)
+
+
+def _skip_verdict(run: Run, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Skip-step's verdict as a 0-dim bool tensor (False when skip-step is off); records the step."""
+    if run.skipper is None:
+        return torch.zeros((), dtype=torch.bool, device=step_loss.device)
+    # every rank must take the same decision: judge the mean loss over ranks (the
+    # gradient norm is already the same everywhere after the all-reduce)
+    loss = all_reduce_mean(step_loss, run.info)
+    skip = run.skipper.verdict(loss, grad_norm)
+    run.skipper.record(loss, grad_norm, skipped=skip)
+    return skip
 
 
 def _count_nonfinite(run: Run, step: int) -> None:

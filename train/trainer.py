@@ -10,6 +10,7 @@ checkpoint left off.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import torch
 
 from .bookkeeping import Bookkeeper, already_complete
 from .distributed import DistInfo, init_distributed, shutdown
-from .setup import set_up
+from .runlock import RunLock
+from .setup import RESUMABLE_CHANGES, set_up
 from .step import TrainingStopped, optimizer_step
 
-__all__ = ["TrainingStopped", "train"]
+__all__ = ["RESUMABLE_CHANGES", "TrainingStopped", "train"]
 
 
 class _StopFlag:
@@ -43,7 +45,9 @@ def train(cfg, *, settings_path: Path, config_path: Path, log=print) -> dict | N
     """Train; returns the run's summary on rank 0 (None on the other ranks)."""
     info = init_distributed(cfg)
     try:
-        return _train(cfg, info, settings_path=settings_path, config_path=config_path, log=log)
+        # one trainer per run folder: rank 0 holds the lock for the whole run
+        with RunLock(Path(cfg.OUT_DIR)) if info.is_main else contextlib.nullcontext():
+            return _train(cfg, info, settings_path=settings_path, config_path=config_path, log=log)
     finally:
         shutdown(info)
 
@@ -69,7 +73,7 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
                 raise TrainingStopped(f"interrupted by signal {stop.signum}: checkpoint saved at step {step} "
                                       f"in {run.ckpt_dir}; `make train` resumes from it")
     except RuntimeError as e:
-        if not info.enabled:
+        if not (info.enabled and _is_collective_failure(e)):
             raise
         # a dead or hung rank surfaces here as a failed collective: say so in one
         # line instead of a backend traceback (torchrun stops the other local ranks)
@@ -81,6 +85,18 @@ def _train(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
             f"{cfg.DIST_TIMEOUT_S}). The last complete checkpoint in {run.ckpt_dir} is intact: "
             "`make train` resumes from it") from e
     return books.finish(step)
+
+
+# What torch's process-group backends say when a peer is gone or silent
+_COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "peer")
+
+
+def _is_collective_failure(e: RuntimeError) -> bool:
+    """A failed collective (a rank died, hung or lost its network), as opposed to a bug."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    message = str(e).lower()
+    return any(marker in message for marker in _COLLECTIVE_FAILURE_MARKERS)
 
 
 def _stop_requested(stop: _StopFlag, info: DistInfo) -> bool:

@@ -211,7 +211,11 @@ def check_safe_folder(name, text, srctree):
 RESUMABLE_CHANGES = frozenset({
     "EVAL_INTERVAL", "EVAL_BATCHES", "LOG_INTERVAL", "CKPT_INTERVAL", "CKPT_KEEP", "TENSORBOARD",
     "SAMPLE_TOKENS", "SAMPLE_TEMPERATURE", "SAMPLE_TOP_K", "SAMPLE_PROMPT", "MAX_NONFINITE_STEPS",
-    "DATA_DIR", "COMPILE"})
+    "DATA_DIR", "COMPILE",
+    # only rank 0 writes the run folder, and a moved folder is the same run
+    "OUT_DIR",
+    # how long ranks wait for each other, and a crash on purpose: nothing computed changes
+    "DIST_TIMEOUT_S", "FAULT_KILL_STEP", "FAULT_KILL_RANK"})
 
 
 def settings_diff(saved, current):
