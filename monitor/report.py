@@ -235,6 +235,7 @@ class Panel:
     band: tuple | None = None  # (low, high): the healthy range, shaded
     markers: bool = False  # spike and rollback steps as vertical lines
     bold: tuple = ()  # labels drawn thick (summaries such as the global value)
+    dashed: str = ""  # labels ending with this are dashed, in the colour of their group (label minus last word)
 
 
 @dataclasses.dataclass
@@ -286,6 +287,12 @@ def render_panels(panels: list, path: Path, spike_steps, rollback_steps) -> None
         for i, (label, (steps, values)) in enumerate(panel.lines.items()):
             if label in panel.bold:
                 ax.plot(steps, values, color="black", linewidth=2.0, label=label, zorder=3)
+            elif panel.dashed:
+                groups = sorted({name.rsplit(" ", 1)[0] for name in panel.lines})
+                group = groups.index(label.rsplit(" ", 1)[0])
+                ax.plot(steps, values, color=plt.cm.tab10(group % 10), linewidth=1.3, label=label,
+                        linestyle="--" if label.endswith(panel.dashed) else "-",
+                        marker="." if len(steps) < 30 else None)
             else:
                 ax.plot(steps, values, color=colours[i] if many else None, linewidth=0.9 if many else 1.3,
                         label=None if many else label, marker="." if len(steps) < 30 else None)
@@ -347,12 +354,28 @@ def sections(run: Run) -> list[Section]:
         Section("Gradient Spike Score (GSS)",
                 "GSS = ||g_t|| / EMA(||g||) (seed 000): 1 is business as usual. Above 2 for many points: "
                 "momentum pollution; a transient spike far above 10: a data outlier. Red dotted lines: spike "
-                "steps from spikes.jsonl; black dashed: rollbacks.", "gss.png", [
+                "steps from spikes.jsonl; black dashed: rollbacks. Second panel: the element-wise score "
+                "|g| / sqrt(v) against Adam's second moment per parameter class, maximum (solid) and p99.9 "
+                "(dashed, 1 element in 1000 above it). Healthy ranges differ by class: attention, MLP and other "
+                "dense weights stay at a few units (max above "
+                f"{D.ELEM_GSS_DENSE_MAX:g} is an element-wise spike); the embedding's maximum is 1e2-1e5 on every "
+                "step in a healthy run, because rows of tokens not seen for many steps have v near 0 "
+                "(|g| / eps: the rare-token effect), so judge it by its p99.9 (tens; alarm above "
+                f"{D.ELEM_GSS_EMBEDDING_P999:g}). GPT-2 ties the output head to the token embedding: that one "
+                "tensor is the 'embedding' class, and 'head' appears only for an untied head (ResNet's fc).",
+                "gss.png", [
                     Panel("GSS", pick(s, "gss/global", "gss/max", "gss/elementwise_max",
                                       labels=("global", "max over tensors", "max element-wise (vs Adam v)")),
                           "MONITOR_GSS_INTERVAL=0", ylabel="GSS", logy=True, markers=True,
                           hlines=((D.GSS_PERSISTENT, f"{D.GSS_PERSISTENT:g}: momentum pollution if persistent"),
-                                  (D.GSS_SPIKE, f"{D.GSS_SPIKE:g}: spike")))]),
+                                  (D.GSS_SPIKE, f"{D.GSS_SPIKE:g}: spike"))),
+                    Panel("element-wise GSS per parameter class (solid: max, dashed: p99.9)",
+                          family(s, "gss_elem", rename=lambda name: name.replace("/", " ")),
+                          "MONITOR_GSS_INTERVAL=0", ylabel="|g| / sqrt(v)",
+                          logy=True, markers=True, dashed=" p999",
+                          hlines=((D.ELEM_GSS_DENSE_MAX, f"{D.ELEM_GSS_DENSE_MAX:g}: dense-class alarm"),
+                                  (D.ELEM_GSS_EMBEDDING_P999,
+                                   f"{D.ELEM_GSS_EMBEDDING_P999:g}: embedding p99.9 alarm")))]),
         Section("Update-to-weight ratio",
                 "||w_after - w_before|| / ||w_before|| per weight matrix over one optimizer step (the step "
                 "taken). Healthy about 1e-3 (shaded 1e-4..1e-2); above 1e-2 the learning rate is too high, "
@@ -364,12 +387,16 @@ def sections(run: Run) -> list[Section]:
                           hlines=((D.UPDATE_RATIO_LOW, "1e-4: stagnation"),
                                   (D.UPDATE_RATIO_HIGH, "1e-2: LR too high")))]),
         Section("Gradient signal-to-noise and cross-process consistency",
-                "GSNR = E[g]^2 / Var(g) across micro-batches (low in deep layers hints at residual or "
-                "normalisation problems); under DDP, the cosine between the processes' gradients and the "
-                "spread of their losses.", "gsnr.png", [
-                    Panel("GSNR", {**per_matrix("gsnr", ("mean",)), **pick(s, "gsnr/mean", labels=("mean",))},
-                          "MONITOR_GSNR_INTERVAL=0 or GRAD_ACCUM_STEPS < 2", ylabel="GSNR", logy=True,
-                          bold=("mean",)),
+                "GSNR = E[g]^2 / Var(g) per weight matrix, across the micro-batches of a step (gsnr_micro) or, "
+                "without gradient accumulation, across the examples of the probe batch (gsnr_examples); low in "
+                "deep layers hints at residual or normalisation problems. Under DDP every process evaluates the "
+                "same probe batch: the cosine between their gradients of it is 1 and the spread of their losses "
+                "exactly 0 while the replicas agree.", "gsnr.png", [
+                    Panel("GSNR", {**per_matrix("gsnr_micro", ("mean",)), **per_matrix("gsnr_examples", ("mean",)),
+                                   **pick(s, "gsnr_micro/mean", "gsnr_examples/mean",
+                                          labels=("mean (micro-batches)", "mean (examples)"))},
+                          "MONITOR_GSNR_INTERVAL=0", ylabel="GSNR", logy=True,
+                          bold=("mean (micro-batches)", "mean (examples)")),
                     Panel("direction consistency (DDP)", pick(s, "ddp/grad_cosine", labels=("cosine",)),
                           "single process or MONITOR_DDP_CONSISTENCY_INTERVAL=0", ylabel="cosine",
                           hlines=((D.DIRECTION_CONSISTENCY_LOW, "low"),)),
