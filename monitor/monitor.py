@@ -63,6 +63,12 @@ SKETCH_SEED = 0  # the same projection on every rank and every step
 ACT_HEAD_K = 10  # "head" of an activation spectrum: its 10 leading modes
 GRAD_HEAD_K = 1  # "head" of the per-sample gradient spectrum: its leading mode
 SPIKE_TOP_TENSORS = 3  # tensors named per spike in spikes.jsonl
+# The per-example GSNR holds B copies of each gradient it covers. Matrices above this many elements
+# (in practice the token embedding / tied output head of a BPE vocabulary: 6.4M elements in gpt2-tiny,
+# 38.6M in GPT-2 124M) are left out of it: on gpt2-tiny they would cost about 2 training steps per
+# GSNR interval against about 0.6 for all the other matrices together. A byte-level vocabulary's
+# embedding is small and covered.
+GSNR_EXAMPLES_MAX_ELEMENTS = 1 << 22
 
 
 class HealthMonitor:
@@ -85,6 +91,11 @@ class HealthMonitor:
         # micro-batches whose own gradient is visible (under DDP the last one is averaged)
         usable = self.grad_accum - (1 if is_distributed else 0)
         self.gsnr_estimate = "micro" if usable >= 2 else "examples"
+        if self.gsnr_estimate == "examples" and self.every["gsnr"] > 0 and cfg.MODEL_GPT2 \
+                and cfg.MONITOR_PROBE_BATCH < 2:
+            raise ValueError(f"settings: MONITOR_GSNR_INTERVAL={self.every['gsnr']} with GRAD_ACCUM_STEPS="
+                             f"{self.grad_accum} estimates GSNR over the probe batch's examples, which needs "
+                             f"MONITOR_PROBE_BATCH >= 2 (it is {cfg.MONITOR_PROBE_BATCH})")
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -161,9 +172,9 @@ class HealthMonitor:
         _, sum_g, sum_g2, n = state
         self._put_gsnr("gsnr_micro", [M.gsnr_from_sums(s, s2, n) for s, s2 in zip(sum_g, sum_g2)])
 
-    def _put_gsnr(self, prefix, values):
-        """values: one 0-dim GSNR per weight matrix, in self.matrices order."""
-        for i, v in zip(self.matrices, values):
+    def _put_gsnr(self, prefix, values, indices=None):
+        """values: one 0-dim GSNR per weight matrix, in the order of indices (default self.matrices)."""
+        for i, v in zip(self.matrices if indices is None else indices, values):
             self._put(f"{prefix}/{self.names[i]}", v)
         if values:
             self._put(f"{prefix}/mean", torch.stack(values).nanmean())
@@ -373,9 +384,10 @@ class HealthMonitor:
             if "ddp" in due:
                 self._cross_process_check(x, y)
             if "gsnr_examples" in due:
-                names = [self.names[i] for i in self.matrices]
+                covered = [i for i in self.matrices if self.params[i].numel() <= GSNR_EXAMPLES_MAX_ELEMENTS]
+                names = [self.names[i] for i in covered]
                 grads = PG.per_example_grads(self.model, names, x, y)
-                self._put_gsnr("gsnr_examples", [PG.gsnr_from_examples(grads[n]) for n in names])
+                self._put_gsnr("gsnr_examples", [PG.gsnr_from_examples(grads[n]) for n in names], covered)
             with torch.no_grad():
                 if "attn_entropy" in due and hasattr(self.model, "attention_probs"):
                     for layer, probs in enumerate(self.model.attention_probs(x)):

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from monitor.metrics import gsnr_from_sums
+from monitor.metrics import GSNR_EPS
 
 
 def lm_logits(model, idx: torch.Tensor, drop_padding: bool = True) -> torch.Tensor:
@@ -89,23 +89,28 @@ def per_example_grads(model, names, x, y) -> dict:
     return {n: grads[f"model.{n}"] for n in names}
 
 
-def gsnr_from_examples(per_example: torch.Tensor) -> torch.Tensor:
-    """GSNR of one parameter from its per-example gradients (B, ...), B >= 2, 0-dim float64.
+def gsnr_from_examples(per_example: torch.Tensor, eps: float = GSNR_EPS) -> torch.Tensor:
+    """GSNR of one parameter from its per-example gradients (B, ...), B >= 2, 0-dim.
 
     The same per-element definition as the micro-batch estimate
-    (metrics.gsnr_from_sums: mean^2 / (unbiased variance + eps * mean square),
-    averaged over the elements some example touched), with the examples in
-    the place of the micro-batches. Sums in float64, one example at a time,
-    so no float64 copy of the whole (B, P) block is made.
+    (metrics.gsnr_from_sums): r = m^2 / (var + eps * mean of g^2) with m the
+    mean over the examples and var their unbiased variance, averaged over the
+    elements some example touched (an embedding row of a token absent from
+    the probe has neither signal nor noise). All examples are in hand, so the
+    variance is taken two-pass, from the deviations (g - m): accurate in
+    float32, where the one-pass sums of the micro-batch estimate need float64.
     """
     n = per_example.size(0)
-    s = torch.zeros(per_example.shape[1:], dtype=torch.float64, device=per_example.device)
-    s2 = torch.zeros_like(s)
-    for g in per_example.unbind(0):
-        g = g.double()
-        s.add_(g)
-        s2.addcmul_(g, g)
-    return gsnr_from_sums(s, s2, n)
+    if n < 2:
+        raise ValueError(f"GSNR needs at least 2 examples, got {n}")
+    g = per_example.float()
+    mean = g.mean(dim=0)
+    var = (g - mean).square_().sum(dim=0).div_(n - 1)
+    mean_square = g.square().mean(dim=0)
+    ratio = mean.square() / (var + eps * mean_square)
+    touched = mean_square > 0
+    ratio = torch.where(touched, ratio, torch.zeros_like(ratio))  # 0/0 of untouched elements
+    return ratio.sum(dtype=torch.float64) / touched.sum()  # masked mean without a host sync
 
 
 def probe_loss_and_grads(model, x, y):

@@ -169,6 +169,18 @@ def test_gsnr_from_per_example_gradients_matches_a_per_example_backward_loop():
         "gsnr_examples/mean"}
     assert got["gsnr_examples/mean"] == pytest.approx(np.mean([got[f"gsnr_examples/{n}"] for n in matrices]))
 
+    # matrices above the size cap (a BPE token embedding) are left out of the example estimate
+    import monitor.monitor as MM
+    cap = MM.GSNR_EXAMPLES_MAX_ELEMENTS
+    try:
+        MM.GSNR_EXAMPLES_MAX_ELEMENTS = params["transformer.wte.weight"].numel() - 1
+        mon.on_probe(6, probe)
+        capped = mon.metrics()
+    finally:
+        MM.GSNR_EXAMPLES_MAX_ELEMENTS = cap
+    assert "gsnr_examples/transformer.wte.weight" not in capped
+    assert capped[f"gsnr_examples/{names[1]}"] == pytest.approx(got[f"gsnr_examples/{names[1]}"])
+
 
 def test_the_trainers_grad_norm_is_used_and_changes_nothing_else():
     micro = batches(1, 5)

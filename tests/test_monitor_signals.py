@@ -238,3 +238,9 @@ def test_bad_loss_spike_settings_are_refused(assignment, problem):
         settings_from(MONITOR_SPIKE_GUARD=True, MONITOR_GUARD_SIGNAL_LOSS=True, **assignment)
     with pytest.raises(ConfigError, match="depends on"):  # the GSS signal has no loss window
         settings_from(MONITOR_SPIKE_GUARD=True, MONITOR_LOSS_SPIKE_WINDOW=64)
+
+
+def test_the_example_gsnr_refuses_a_one_sequence_probe():
+    with pytest.raises(ValueError, match="MONITOR_PROBE_BATCH >= 2"):
+        HealthMonitor(monitor_cfg(GSNR_INTERVAL=100, MONITOR_PROBE_BATCH=1), make_model(), None)
+    HealthMonitor(monitor_cfg(GSNR_INTERVAL=100, MONITOR_PROBE_BATCH=1, GRAD_ACCUM_STEPS=2), make_model(), None)
