@@ -198,9 +198,21 @@ def upper_quantile(values: torch.Tensor, per: int = TOP_FRACTION) -> torch.Tenso
     sort of the whole tensor, no size limit as in torch.quantile), on the
     values' device, no host synchronisation.
     """
-    flat = values.reshape(-1)
-    m = max(1, (flat.numel() + per - 1) // per)
-    return flat.topk(m).values[-1]
+    return upper_quantile_of_parts([values], per)
+
+
+def upper_quantile_of_parts(parts, per: int = TOP_FRACTION) -> torch.Tensor:
+    """upper_quantile of the concatenation of several tensors, without concatenating them.
+
+    The m = ceil(n / per) largest values overall are among each part's own m
+    largest, so a top-k per part and one over those candidates give the exact
+    answer while copying only m values per part.
+    """
+    n = sum(p.numel() for p in parts)
+    m = max(1, (n + per - 1) // per)
+    candidates = [p.reshape(-1).topk(min(m, p.numel())).values for p in parts]
+    pool = torch.cat(candidates) if len(candidates) > 1 else candidates[0]
+    return pool.topk(m).values[-1]
 
 
 # ---------------------------------------------------------------------------

@@ -259,13 +259,12 @@ class HealthMonitor:
         parameters, and per parameter class the maximum and the p99.9 (metrics.upper_quantile)."""
         per_class = {}
         for p, ratios in self._elementwise_gss_ratios():
-            per_class.setdefault(self.param_class.get(id(p), "other"), []).append(ratios.reshape(-1))
+            per_class.setdefault(self.param_class.get(id(p), "other"), []).append(ratios)
         maxima = []
         for cls, parts in per_class.items():
-            values = torch.cat(parts) if len(parts) > 1 else parts[0]
-            maxima.append(values.max())
+            maxima.append(torch.stack([r.max() for r in parts]).max())
             self._put(f"gss_elem/{cls}/max", maxima[-1])
-            self._put(f"gss_elem/{cls}/p999", M.upper_quantile(values))
+            self._put(f"gss_elem/{cls}/p999", M.upper_quantile_of_parts(parts))
         if maxima:
             self._put("gss/elementwise_max", torch.stack(maxima).max())
 

@@ -525,18 +525,24 @@ def spike_table(run: Run) -> list[str]:
         return lines + ["*spikes.jsonl is empty.*", ""]
     lines += [f"{len(run.spike_steps)} spike(s), {len(run.rollback_steps)} rollback(s). "
               "`make data-filter RUN=<run>` writes the corpus without the documents of the spike batches.", "",
-              "| step | event | action | max GSS | where | samples |", "|---|---|---|---|---|---|"]
+              "| step | event | action | signal | max GSS | tensors (GSS) | samples |",
+              "|---|---|---|---|---|---|---|"]
     for e in events[:SPIKE_TABLE_ROWS]:
         if e.get("event") == "rollback":
-            lines.append(f"| {e.get('step')} | rollback | to step {e.get('to_step')} | | | |")
+            lines.append(f"| {e.get('step')} | rollback | to step {e.get('to_step')} | | | | |")
             continue
         gss = e.get("max_gss", e.get("gss"))
         samples = e.get("samples") or []
         names = [str(x.get("doc", x.get("index", "?"))) for x in samples]
         shown = ", ".join(dict.fromkeys(names[:8])) + (f" (+{len(names) - 8})" if len(names) > 8 else "")
-        where = short_name(str(e.get("param", e.get("layer", ""))))
+        tensors = e.get("tensors")  # the top tensors by GSS (older records: the one largest)
+        where = (", ".join(f"{short_name(str(t['param']))} ({_fmt(float(t['gss']))})" for t in tensors) if tensors
+                 else short_name(str(e.get("param", e.get("layer", "")))))
         size = _fmt(float(gss)) if gss is not None else ""
-        lines.append(f"| {e.get('step')} | spike | {e.get('action', '')} | {size} | {where} | {shown} |")
+        signal = "+".join(e.get("signals") or ["gss"])
+        if "loss" in signal and e.get("loss") is not None:
+            signal += f" (loss {_fmt(float(e['loss']))} > {_fmt(float(e['loss_threshold']))})"
+        lines.append(f"| {e.get('step')} | spike | {e.get('action', '')} | {signal} | {size} | {where} | {shown} |")
     if len(events) > SPIKE_TABLE_ROWS:
         lines.append(f"\n({len(events) - SPIKE_TABLE_ROWS} more records in spikes.jsonl)")
     return lines + [""]

@@ -170,6 +170,8 @@ def test_upper_quantile_is_the_ceil_n_over_1000_th_largest():
     values = torch.arange(2500, dtype=torch.float32)[torch.randperm(2500, generator=torch.Generator().manual_seed(0))]
     assert M.upper_quantile(values).item() == 2497.0  # 3 values (ceil(2.5)) are >= it
     assert M.upper_quantile(torch.tensor([4.0, 1.0])).item() == 4.0  # n < 1000: the maximum
+    parts = [values[:7].reshape(7, 1), values[7:1500], values[1500:]]  # one part smaller than m = 3
+    assert M.upper_quantile_of_parts(parts).item() == 2497.0
 
 
 def test_elementwise_gss_per_class_matches_a_plain_loop():

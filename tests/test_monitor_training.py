@@ -73,6 +73,10 @@ def test_injected_spike_cluster_rolls_back_and_is_logged(tmp_path):
     spikes = [e for e in events if e["event"] == "spike"]
     assert [e["step"] for e in spikes] == [8, 9, 10]
     assert all(e["action"] == "skip" and e["max_gss"] > 10 for e in spikes)
+    # which signal fired and which tensors carried the spike (top 3 by GSS, largest first)
+    assert all(e["signals"] == ["gss"] and len(e["tensors"]) == 3 for e in spikes)
+    assert all(e["tensors"][0]["gss"] == pytest.approx(e["max_gss"]) and e["tensors"][0]["grad_norm"] > 0
+               for e in spikes)
     # the batch's documents, for make data-filter: 4 rows per batch, real Shakespeare ids
     assert len(spikes[0]["samples"]) == 4 and spikes[0]["samples"][0]["doc"].endswith("_gut")
     assert {"step": 10, "event": "rollback", "to_step": 5} in events

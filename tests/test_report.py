@@ -304,7 +304,9 @@ def make_run(folder: Path, anomalous: bool, full: bool = True, spikes: bool = Tr
         events = []
         if anomalous:
             events = [{"step": SPIKE_STEP, "event": "spike", "action": "log", "max_gss": 500.0,
-                       "param": MATRICES[0], "gss_global": 480.0,
+                       "param": MATRICES[0], "gss_global": 480.0, "signals": ["gss", "loss"], "loss": 9.5,
+                       "loss_threshold": 4.25, "tensors": [{"param": MATRICES[0], "gss": 500.0, "grad_norm": 3.0},
+                                                           {"param": MATRICES[1], "gss": 120.0, "grad_norm": 1.0}],
                        "samples": [{"doc": "hamlet_gut", "doc_index": 3, "offset": 120},
                                    {"doc": "macbeth_gut", "doc_index": 7, "offset": 0}]},
                       {"step": 45, "event": "rollback", "to_step": 40}]
@@ -393,6 +395,7 @@ def test_report_renders_every_section(tmp_path):
     assert "60 of 60" in text
     # spike table and diagnosis
     assert "hamlet_gut" in text and "| 45 | rollback |" in text
+    assert "| gss+loss (loss 9.5 > 4.25) | 500 |" in text and "(120)" in text
     diagnosis = text[text.index("## Diagnosis"):]
     for phrase in ("learning rate too high", "momentum pollution", "data outlier", "make data-filter",
                    "vanishing", "rank collapse", "contamination"):
