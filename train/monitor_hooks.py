@@ -16,6 +16,7 @@ import torch
 class StepDecision:
     skip: bool = False
     rollback: bool = False
+    clipped: bool = False  # the guard scaled spiking gradients in place: the trainer's grad_norm is stale
 
 
 def build_monitor(cfg, model, optimizer, family, info, runlog, probe_on_all_ranks=False):
@@ -57,7 +58,8 @@ class TrainerMonitor:
             self._record_spike(step, decision, torch.cat(micro_sample_ids))
         if decision.rollback:
             self.rollbacks += 1
-        return StepDecision(skip=decision.action == "skip", rollback=decision.rollback)
+        return StepDecision(skip=decision.action == "skip", rollback=decision.rollback,
+                            clipped=decision.action == "clip")
 
     def _record_spike(self, step, decision, sample_ids) -> None:
         spike = getattr(self.health, "last_spike", None) or {}
