@@ -81,6 +81,8 @@ class GradSpikeScore:
         self.steps = 0  # observations folded into the EMA (host counter, no sync)
         self.ema = None  # (n,) per-tensor EMA of ||g||
         self.ema_global = None  # 0-dim EMA of the global norm
+        self.seen = None  # (n,) bool: the tensor has had a finite norm (its EMA is seeded)
+        self.seen_global = None
 
     @staticmethod
     def _ratio(norm, ema):
@@ -94,17 +96,31 @@ class GradSpikeScore:
             return torch.ones_like(norms), torch.ones_like(global_norm)
         if self.ema.shape != norms.shape:
             raise ValueError(f"GSS got {norms.numel()} gradient norms but tracks {self.ema.numel()} tensors")
-        return self._ratio(norms, self.ema), self._ratio(global_norm, self.ema_global)
+        ones = torch.ones_like(norms)
+        return (torch.where(self.seen, self._ratio(norms, self.ema), ones),
+                torch.where(self.seen_global, self._ratio(global_norm, self.ema_global), torch.ones_like(global_norm)))
 
     def accept(self, norms: torch.Tensor, global_norm: torch.Tensor):
-        """Fold this step's norms into the EMA."""
+        """Fold this step's norms into the EMA.
+
+        A non-finite norm (NaN/inf gradient) never enters it: that entry keeps
+        its previous EMA (or stays unseeded). Done with torch.where on the
+        device, so there is no host synchronisation.
+        """
         norms, global_norm = norms.detach().float(), global_norm.detach().float()
         if self.ema is None:
-            self.ema, self.ema_global = norms.clone(), global_norm.clone()
-        else:
-            self.ema.mul_(self.beta).add_(norms, alpha=1.0 - self.beta)
-            self.ema_global.mul_(self.beta).add_(global_norm, alpha=1.0 - self.beta)
+            self.ema, self.ema_global = torch.zeros_like(norms), torch.zeros_like(global_norm)
+            self.seen = torch.zeros_like(norms, dtype=torch.bool)
+            self.seen_global = torch.zeros_like(global_norm, dtype=torch.bool)
+        self.ema = self._fold(self.ema, self.seen, norms)
+        self.ema_global = self._fold(self.ema_global, self.seen_global, global_norm)
+        self.seen = self.seen | torch.isfinite(norms)
+        self.seen_global = self.seen_global | torch.isfinite(global_norm)
         self.steps += 1
+
+    def _fold(self, ema, seen, norm):
+        moved = torch.where(seen, ema * self.beta + norm * (1.0 - self.beta), norm)  # seeded by the first
+        return torch.where(torch.isfinite(norm), moved, ema)
 
     def update(self, norms: torch.Tensor, global_norm: torch.Tensor):
         """score() then accept() the same norms; returns score()'s result."""
@@ -113,14 +129,16 @@ class GradSpikeScore:
         return out
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "steps": self.steps, "ema": self.ema, "ema_global": self.ema_global}
+        return {"beta": self.beta, "steps": self.steps, "ema": self.ema, "ema_global": self.ema_global,
+                "seen": self.seen, "seen_global": self.seen_global}
 
     def load_state_dict(self, state: dict, device=None):
         """Restore; device moves the EMA next to the gradients (checkpoints often load on the CPU)."""
         self.beta = state["beta"]
         self.steps = state["steps"]
-        self.ema = None if state["ema"] is None else state["ema"].clone().to(device)
-        self.ema_global = None if state["ema_global"] is None else state["ema_global"].clone().to(device)
+        for key in ("ema", "ema_global", "seen", "seen_global"):
+            value = state[key]
+            setattr(self, key, None if value is None else value.clone().to(device))
 
 
 def spike_clip_(grads, gss: torch.Tensor, tau: float) -> torch.Tensor:
@@ -140,9 +158,9 @@ def spike_clip_(grads, gss: torch.Tensor, tau: float) -> torch.Tensor:
     return scales
 
 
-def elementwise_gss_max(grad: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float,
-                        step=None, beta2=None) -> torch.Tensor:
-    """max over elements of |g| / (sqrt(v) + eps), 0-dim: the Adam-moment GSS.
+def elementwise_gss_ratios(grad: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float,
+                           step=None, beta2=None) -> torch.Tensor:
+    """|g| / (sqrt(v) + eps) element by element (float32, grad's shape): the Adam-moment GSS.
 
     v is the optimizer's second moment (torch AdamW / AdamWSpam 'exp_avg_sq')
     as it stands BEFORE this step's update, i.e. an EMA of g^2 over the previous
@@ -151,14 +169,50 @@ def elementwise_gss_max(grad: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float
     of the raw ratio; without them the raw v is used (the manual's formula).
     grad and exp_avg_sq are matched element by element, so a caller with
     compact sparse moments passes the gathered values (grad.view(-1)[index],
-    v) instead of the dense tensors.
+    v) instead of the dense tensors. An element whose v is about 0 (an
+    embedding row of a token not seen for many steps) gets |g| / eps: that is
+    the rare-token effect, not a spike.
     """
     if grad.shape != exp_avg_sq.shape:
         raise ValueError(f"gradient shape {tuple(grad.shape)} does not match second moment {tuple(exp_avg_sq.shape)}")
     v = exp_avg_sq.float()
     if step is not None and beta2 is not None and step > 0:
         v = v / (1.0 - beta2 ** step)
-    return (grad.float().abs() / (v.sqrt() + eps)).max()
+    return grad.float().abs() / (v.sqrt() + eps)
+
+
+def elementwise_gss_max(grad: torch.Tensor, exp_avg_sq: torch.Tensor, eps: float,
+                        step=None, beta2=None) -> torch.Tensor:
+    """max over elements of elementwise_gss_ratios(...), 0-dim."""
+    return elementwise_gss_ratios(grad, exp_avg_sq, eps, step, beta2).max()
+
+
+TOP_FRACTION = 1000  # the high quantile logged beside a maximum: 1 element in 1000 (p99.9)
+
+
+def upper_quantile(values: torch.Tensor, per: int = TOP_FRACTION) -> torch.Tensor:
+    """The ceil(n / per)-th largest of the n values, 0-dim: the 1 - 1/per quantile (p99.9 for 1000).
+
+    At least ceil(n / per) values are >= it, so it ignores the single largest
+    outliers that decide a maximum. One top-k of ceil(n / per) values (no
+    sort of the whole tensor, no size limit as in torch.quantile), on the
+    values' device, no host synchronisation.
+    """
+    return upper_quantile_of_parts([values], per)
+
+
+def upper_quantile_of_parts(parts, per: int = TOP_FRACTION) -> torch.Tensor:
+    """upper_quantile of the concatenation of several tensors, without concatenating them.
+
+    The m = ceil(n / per) largest values overall are among each part's own m
+    largest, so a top-k per part and one over those candidates give the exact
+    answer while copying only m values per part.
+    """
+    n = sum(p.numel() for p in parts)
+    m = max(1, (n + per - 1) // per)
+    candidates = [p.reshape(-1).topk(min(m, p.numel())).values for p in parts]
+    pool = torch.cat(candidates) if len(candidates) > 1 else candidates[0]
+    return pool.topk(m).values[-1]
 
 
 # ---------------------------------------------------------------------------
@@ -461,15 +515,9 @@ def collapse_residual(steps, losses, tail: int = 1, b_range=(1e-3, 4.0), min_poi
 
 
 def _lm_logits(model, idx: torch.Tensor) -> torch.Tensor:
-    """All-position logits (B, T, V) of a model with the GPT API
-    forward(idx, targets=None, return_logits=False) -> (logits, loss)."""
-    idx = idx.contiguous()
-    out = model(idx, return_logits=True)  # every position (training's fused loss returns no logits)
-    logits = out[0] if isinstance(out, tuple) else out
-    if logits.dim() != 3 or logits.size(1) != idx.size(1):
-        raise ValueError("the model must return logits for every position, shaped (B, T, vocab)")
-    vocab = getattr(model, "vocab_size", None)
-    return logits[..., :vocab] if vocab else logits  # drop padded vocabulary ids
+    """All-position logits (B, T, V) of a GPT-API model (see probe_grads.lm_logits)."""
+    from monitor.probe_grads import lm_logits
+    return lm_logits(model, idx.contiguous())
 
 
 def token_nll(model, idx: torch.Tensor) -> torch.Tensor:

@@ -3,42 +3,47 @@
 Where the trainer calls it, per optimizer step:
 
     for micro_index in range(GRAD_ACCUM_STEPS):
-        loss = model(x, y)[1] / GRAD_ACCUM_STEPS; loss.backward()
-        monitor.on_micro_batch(step, micro_index)      # GSNR sums, DDP consistency
-    (DDP gradient sync, GradScaler.unscale_)
-    decision = monitor.before_step(step)               # norms, GSS, spike guard
+        loss = family.loss(model, batch) / GRAD_ACCUM_STEPS; loss.backward()
+        monitor.on_micro_batch(step, micro_index)      # micro-batch GSNR sums
+    (DDP gradient sync, GradScaler.unscale_, grad_norm = global norm, computed once)
+    decision = monitor.before_step(step, loss=step_loss, grad_norm=grad_norm)
     if decision.rollback: reload checkpoint, reset moments, warm up the LR,
                           monitor.on_rollback(checkpoint["monitor"])
     elif decision.action != "skip": optimizer.step()   # "clip" was already applied
-    monitor.after_step(step, loss)                     # update ratios, loss history
-    if monitor.wants_probe(step): monitor.on_probe(step, probe_batch)
+    monitor.after_step(step, step_loss)                # update ratios, loss history
+    if monitor.wants_probe(step, main): monitor.on_probe(step, probe_batch, main)
     if step % LOG_INTERVAL == 0: log(monitor.metrics())
 
 Cost model. Every metric has an interval in optimizer steps (0 = off); on
 other steps its hook does nothing. Values are kept as device tensors and
 converted to Python floats in metrics() with one synchronisation; the only
-other per-step synchronisation is the spike guard reading the largest GSS
-(one scalar), when the guard is on. When the GSS is logged or the guard is
-on, the GSS moving average is updated on every step (one fused norm pass over
-the gradients), because a baseline sampled every N steps would miss spikes.
+other per-step synchronisation is the spike guard reading its verdict (a few
+scalars: the largest GSS and, with the loss signal, the loss test), when the
+guard is on, plus one more read on spike steps only (which tensors carried
+the spike). When the GSS is logged or the guard is on, the GSS moving
+average is updated on every step (one fused norm pass over the gradients),
+because a baseline sampled every N steps would miss spikes. The global
+gradient norm is the trainer's (grad_norm=), not computed again.
 
-Gradients per micro-batch. The trainer calls on_micro_batch after each
-backward, when .grad holds the sum over the micro-batches so far; the
-micro-batch's own gradient is the difference from the previous call's copy.
-Under DDP the last micro-batch's backward averages the gradients across
-processes, so there the last micro-batch is not used: GSNR uses micro-batches
-0..n-2, and the local (not yet averaged) gradient for direction consistency is
-read after micro-batch n-2. Both therefore need GRAD_ACCUM_STEPS >= 2 (GSNR
->= 3 under DDP) and are silently not reported otherwise.
+GSNR has two estimates, named apart: gsnr_micro/... across the micro-batches
+of a step (the trainer calls on_micro_batch after each backward, when .grad
+holds the sum so far; the micro-batch's own gradient is the difference from
+the previous call's copy; under DDP the last micro-batch is already averaged
+across processes and is not used), when at least 2 micro-batches are usable;
+otherwise gsnr_examples/... across the examples of the probe batch
+(per-example gradients, monitor.probe_grads), in on_probe.
+
+Cross-process consistency (DDP): at its interval every process evaluates
+the same probe batch in on_probe (a collective: every rank must call it);
+the spread of their losses is exactly 0 while the replicas agree, and the
+cosine of their gradients of that batch is 1.
 
 Pass the unwrapped model (not the DDP wrapper or torch.compile's module):
-parameter names are the plain named_parameters() names, and the probes call
-the GPT API forward(idx, targets=None, return_logits=False) -> (logits, loss),
-attention_probs(idx) and
-residual_stream(idx). Probe metrics a model cannot provide (no
+parameter names are the plain named_parameters() names, and the probes use
+the GPT API (transformer, lm_head, attention_probs(idx), residual_stream(idx);
+probe_grads.lm_logits). Probe metrics a model cannot provide (no
 attention_probs / residual_stream, or float inputs: not a language model)
-are skipped. on_probe uses no collectives, so it may run on rank 0 only; the
-other hooks are collective under DDP and must run on every rank.
+are skipped.
 """
 
 import numpy as np
@@ -47,36 +52,23 @@ import torch.distributed
 import torch.nn as nn
 
 from monitor import metrics as M
+from monitor import probe_grads as PG
 from monitor import spectral as S
-from monitor.guard import Decision, SpikeGuard
-
-# Interval settings, one per metric group (name -> Kconfig symbol).
-INTERVALS = {
-    "grad_norm": "MONITOR_GRAD_NORM_INTERVAL",
-    "gss": "MONITOR_GSS_INTERVAL",
-    "update_ratio": "MONITOR_UPDATE_RATIO_INTERVAL",
-    "gsnr": "MONITOR_GSNR_INTERVAL",
-    "ddp": "MONITOR_DDP_CONSISTENCY_INTERVAL",
-    "weight_spectra": "MONITOR_WEIGHT_SPECTRA_INTERVAL",
-    "collapse": "MONITOR_COLLAPSE_RESIDUAL_INTERVAL",
-    "attn_entropy": "MONITOR_ATTN_ENTROPY_INTERVAL",
-    "token_entropy": "MONITOR_TOKEN_ENTROPY_INTERVAL",
-    "act_spectra": "MONITOR_ACT_SPECTRA_INTERVAL",
-    "grad_spectra": "MONITOR_GRAD_SPECTRA_INTERVAL",
-    "codec": "MONITOR_CODEC_INTERVAL",
-    "zlib": "MONITOR_ZLIB_INTERVAL",
-}
-PROBE_METRICS = ("attn_entropy", "token_entropy", "act_spectra", "grad_spectra", "codec", "zlib")
+from monitor.guard import Decision
+from monitor.param_classes import parameter_classes
+from monitor.settings import INTERVALS, PROBE_METRICS, build_guard, read_intervals  # noqa: F401 (re-exported)
 
 SKETCH_DIM = 4096  # floats each DDP rank sends for direction consistency (cosine error ~ 1/64)
 SKETCH_SEED = 0  # the same projection on every rank and every step
 ACT_HEAD_K = 10  # "head" of an activation spectrum: its 10 leading modes
 GRAD_HEAD_K = 1  # "head" of the per-sample gradient spectrum: its leading mode
-
-
-def _setting(cfg, name, default):
-    value = getattr(cfg, name, None)
-    return default if value is None else value
+SPIKE_TOP_TENSORS = 3  # tensors named per spike in spikes.jsonl
+# The per-example GSNR holds B copies of each gradient it covers. Matrices above this many elements
+# (in practice the token embedding / tied output head of a BPE vocabulary: 6.4M elements in gpt2-tiny,
+# 38.6M in GPT-2 124M) are left out of it: on gpt2-tiny they would cost about 2 training steps per
+# GSNR interval against about 0.6 for all the other matrices together. A byte-level vocabulary's
+# embedding is small and covered.
+GSNR_EXAMPLES_MAX_ELEMENTS = 1 << 22
 
 
 class HealthMonitor:
@@ -94,9 +86,16 @@ class HealthMonitor:
         self.optimizer = optimizer
         self.is_distributed = is_distributed
         self.decode = decode
-        enabled = bool(_setting(cfg, "MONITOR", False))
-        self.every = {m: int(_setting(cfg, sym, 0)) if enabled else 0 for m, sym in INTERVALS.items()}
-        self.grad_accum = int(_setting(cfg, "GRAD_ACCUM_STEPS", 1))
+        self.every = read_intervals(cfg)
+        self.grad_accum = cfg.GRAD_ACCUM_STEPS
+        # micro-batches whose own gradient is visible (under DDP the last one is averaged)
+        usable = self.grad_accum - (1 if is_distributed else 0)
+        self.gsnr_estimate = "micro" if usable >= 2 else "examples"
+        if self.gsnr_estimate == "examples" and self.every["gsnr"] > 0 and cfg.MODEL_GPT2 \
+                and cfg.MONITOR_PROBE_BATCH < 2:
+            raise ValueError(f"settings: MONITOR_GSNR_INTERVAL={self.every['gsnr']} with GRAD_ACCUM_STEPS="
+                             f"{self.grad_accum} estimates GSNR over the probe batch's examples, which needs "
+                             f"MONITOR_PROBE_BATCH >= 2 (it is {cfg.MONITOR_PROBE_BATCH})")
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -105,21 +104,16 @@ class HealthMonitor:
         # would double the number of series without adding a distinct signal.
         self.matrices = [i for i, p in enumerate(self.params) if p.dim() >= 2]
         self.grad_spectra_param = grad_spectra_param or self._default_spectra_param()
+        classes = parameter_classes(model)
+        self.param_class = {id(p): classes[n] for n, p in named}
 
-        self.guard = None
-        if enabled and _setting(cfg, "MONITOR_SPIKE_GUARD", False):
-            action = ("log" if _setting(cfg, "MONITOR_SPIKE_ACTION_LOG", False) else
-                      "clip" if _setting(cfg, "MONITOR_SPIKE_ACTION_CLIP", False) else
-                      "skip" if _setting(cfg, "MONITOR_SPIKE_ACTION_SKIP", False) else "log")
-            self.guard = SpikeGuard(tau=float(_setting(cfg, "MONITOR_SPIKE_TAU", 10.0)), action=action,
-                                    cluster_k=int(_setting(cfg, "MONITOR_SPIKE_CLUSTER_K", 5)),
-                                    cluster_window=int(_setting(cfg, "MONITOR_SPIKE_CLUSTER_WINDOW", 100)))
+        self.guard, self.loss_window = build_guard(cfg)
         self.track_gss = self.guard is not None or self.every["gss"] > 0
-        self.gss = M.GradSpikeScore(float(_setting(cfg, "MONITOR_GSS_EMA_BETA", 0.9)))
+        self.gss = M.GradSpikeScore(cfg.MONITOR_GSS_EMA_BETA) if cfg.MONITOR else None
 
         self._pending = {}  # metric name -> 0-dim tensor or float, until metrics()
         self._spikes_since_log = 0
-        self.last_spike = None  # {"max_gss", "param", "gss_global"} of the latest spike, for spike logs
+        self.last_spike = None  # what spikes.jsonl records about the latest spike (signals, tensors, ...)
         self._snapshot = None  # (step, parameter copies) for the update ratio
         self._gsnr = None  # (step, previous accumulated grads, sum of squares, count)
         self._loss_steps, self._loss_values = [], []  # collapse-residual history (host)
@@ -151,15 +145,10 @@ class HealthMonitor:
     # ------------------------------------------------------------------ hooks
 
     def on_micro_batch(self, step: int, micro_index: int):
-        """After each micro-batch's backward: GSNR running sums, DDP direction consistency."""
+        """After each micro-batch's backward: the micro-batch GSNR running sums."""
         last = micro_index == self.grad_accum - 1
-        if self._due("gsnr", step) and not (self.is_distributed and last):
+        if self.gsnr_estimate == "micro" and self._due("gsnr", step) and not (self.is_distributed and last):
             self._gsnr_accumulate(step)
-        if self.is_distributed and self._due("ddp", step) and micro_index == self.grad_accum - 2 \
-                and torch.distributed.get_world_size() > 1:
-            # Inside DDP's no_sync the accumulated .grad is still this rank's own gradient.
-            sketches = M.gather_gradient_sketches([p.grad for p in self.params], SKETCH_DIM, SKETCH_SEED)
-            self._put("ddp/grad_cosine", M.direction_consistency(sketches))
 
     def _gsnr_accumulate(self, step):
         grads = [self.params[i].grad for i in self.matrices]
@@ -181,15 +170,21 @@ class HealthMonitor:
         if state is None or state[0] != step or state[3] < 2:
             return
         _, sum_g, sum_g2, n = state
-        values = [M.gsnr_from_sums(s, s2, n) for s, s2 in zip(sum_g, sum_g2)]
-        for i, v in zip(self.matrices, values):
-            self._put(f"gsnr/{self.names[i]}", v)
-        if values:
-            self._put("gsnr/mean", torch.stack(values).nanmean())
+        self._put_gsnr("gsnr_micro", [M.gsnr_from_sums(s, s2, n) for s, s2 in zip(sum_g, sum_g2)])
 
-    def before_step(self, step: int) -> Decision:
+    def _put_gsnr(self, prefix, values, indices=None):
+        """values: one 0-dim GSNR per weight matrix, in the order of indices (default self.matrices)."""
+        for i, v in zip(self.matrices if indices is None else indices, values):
+            self._put(f"{prefix}/{self.names[i]}", v)
+        if values:
+            self._put(f"{prefix}/mean", torch.stack(values).nanmean())
+
+    def before_step(self, step: int, loss=None, grad_norm=None) -> Decision:
         """Once gradients are final (after DDP sync and unscaling), before optimizer.step().
 
+        loss: the step's mean training loss (0-dim tensor), needed by the
+        guard's loss signal. grad_norm: the global L2 norm of all gradients
+        (0-dim tensor) as the trainer computed it; None computes it here.
         Returns the spike guard's Decision. For action "clip" the spiking
         gradients have already been scaled in place; for "skip" the trainer
         must not call optimizer.step(); for rollback it reloads the last
@@ -204,7 +199,7 @@ class HealthMonitor:
 
         grads = [p.grad for p in self.params]
         norms = M.per_tensor_grad_norms(grads)
-        total = torch.linalg.vector_norm(norms)
+        total = torch.linalg.vector_norm(norms) if grad_norm is None else grad_norm.detach().float()
         if log_norms:
             self._put("grad_norm/global", total)
             self._put_per_matrix("grad_norm", norms)
@@ -216,30 +211,67 @@ class HealthMonitor:
             self._put("gss/global", gss_global)
             self._put("gss/max", gss.max())
             self._put_per_matrix("gss", gss)
-            elementwise = self._elementwise_gss_max()
-            if elementwise is not None:
-                self._put("gss/elementwise_max", elementwise)
-
-        decision = Decision()
-        if self.guard is not None:
-            # the guard's one host sync: the largest score, where it is, and the global score
-            top, where, top_global = torch.stack([gss.max(), gss.argmax().float(), gss_global]).tolist()
-            decision = self.guard.observe(step, top)
-            if decision.spike:
-                self._spikes_since_log += 1
-                self.last_spike = {"max_gss": top, "param": self.names[int(where)], "gss_global": top_global}
-            if decision.action == "clip":
-                norms = norms * M.spike_clip_(grads, gss, self.guard.tau)
-                total = torch.linalg.vector_norm(norms)
+            self._put_elementwise_gss()
+        if self.guard is None:
+            self.gss.accept(norms, total)
+            return Decision()
+        decision, loss_fired = self._judge(step, gss, gss_global, norms, loss)
+        if decision.action == "clip":
+            norms = norms * M.spike_clip_(grads, gss, self.guard.tau)
+            total = torch.linalg.vector_norm(norms)
         if decision.action != "skip":  # a blocked spike must not raise the baseline
             self.gss.accept(norms, total)
+        if self.loss_window is not None and decision.action != "skip" and not loss_fired:
+            self.loss_window.record(loss)  # a loss spike stays out of the window it is judged by
         return decision
 
-    def _elementwise_gss_max(self):
-        """Largest |g| / (sqrt(v_hat) + eps) over all parameters that have Adam moments."""
+    def _judge(self, step, gss, gss_global, norms, loss):
+        """The guard's verdict, from one host read of its signals; (Decision, loss signal fired)."""
+        signals = [gss.max(), gss.argmax().float(), gss_global.float()]
+        if self.loss_window is not None:
+            if loss is None:
+                raise ValueError("the spike guard watches the loss: pass before_step(step, loss=step_loss)")
+            loss_spike, threshold = self.loss_window.check(loss)
+            signals += [loss_spike.float(), loss.detach().float(), threshold]
+        host = torch.stack(signals).tolist()  # the guard's one host sync per step
+        top, where, top_global = host[:3]
+        loss_fired = bool(host[3]) if self.loss_window is not None else False
+        decision = self.guard.observe(step, top, loss_spike=loss_fired)
+        if decision.spike:
+            self._spikes_since_log += 1
+            self.last_spike = {"signals": list(decision.signals), "max_gss": top,
+                               "param": self.names[int(where)], "gss_global": top_global,
+                               "tensors": self._spike_tensors(gss, norms)}
+            if self.loss_window is not None:
+                self.last_spike.update(loss=host[4], loss_threshold=host[5])
+        return decision, loss_fired
+
+    def _spike_tensors(self, gss, norms):
+        """The tensors that carried a spike: the largest per-tensor GSS, i.e. gradient norm over
+        that tensor's own running typical norm. Read on spike steps only (one host sync)."""
+        k = min(SPIKE_TOP_TENSORS, gss.numel())
+        scores, index = gss.topk(k)
+        rows = torch.stack([scores, index.float(), norms[index].float()]).T.tolist()
+        return [{"param": self.names[int(i)], "gss": s, "grad_norm": n} for s, i, n in rows]
+
+    def _put_elementwise_gss(self):
+        """|g| / (sqrt(v_hat) + eps) against the optimizer's second moment: the maximum over all
+        parameters, and per parameter class the maximum and the p99.9 (metrics.upper_quantile)."""
+        per_class = {}
+        for p, ratios in self._elementwise_gss_ratios():
+            per_class.setdefault(self.param_class.get(id(p), "other"), []).append(ratios)
+        maxima = []
+        for cls, parts in per_class.items():
+            maxima.append(torch.stack([r.max() for r in parts]).max())
+            self._put(f"gss_elem/{cls}/max", maxima[-1])
+            self._put(f"gss_elem/{cls}/p999", M.upper_quantile_of_parts(parts))
+        if maxima:
+            self._put("gss/elementwise_max", torch.stack(maxima).max())
+
+    def _elementwise_gss_ratios(self):
+        """(parameter, ratios) for every parameter that has a gradient and Adam moments."""
         if self.optimizer is None:
-            return None
-        best = []
+            return
         for group in self.optimizer.param_groups:
             betas, eps = group.get("betas"), group.get("eps", 1e-8)
             for p in group["params"]:
@@ -257,12 +289,11 @@ class HealthMonitor:
                     g = g.reshape(-1)[index].reshape(v.shape)
                 step = state.get("step")
                 step = float(step) if step is not None else None
-                best.append(M.elementwise_gss_max(g, v, eps, step, betas[1] if betas else None))
-        return torch.stack(best).max() if best else None
+                yield p, M.elementwise_gss_ratios(g, v, eps, step, betas[1] if betas else None)
 
     def after_step(self, step: int, loss):
         """After optimizer.step() (also on a skipped step): update ratios, loss
-        history and collapse residual, loss dispersion (DDP), weight spectra.
+        history and collapse residual, weight spectra.
         loss: this step's training loss, the mean over its micro-batches
         (tensor or float; a tensor is not read until a fit needs it)."""
         if self._snapshot is not None and self._snapshot[0] == step:
@@ -285,9 +316,6 @@ class HealthMonitor:
                         self._put(f"collapse/{k}", fit[k])
             elif len(self._loss_pending) >= 1000:  # bound the device-side backlog
                 self._flush_losses()
-
-        if self.is_distributed and self._due("ddp", step):
-            self._put("ddp/loss_std", M.loss_dispersion(M.gather_losses(loss)))
 
         if self._due("weight_spectra", step):
             self._weight_spectra()
@@ -316,19 +344,33 @@ class HealthMonitor:
 
     # ----------------------------------------------------------------- probes
 
-    def wants_probe(self, step: int) -> bool:
-        """Whether on_probe would compute anything at this step (so the probe batch can be skipped)."""
-        return any(self._due(m, step) for m in PROBE_METRICS)
+    def _probe_due(self, step: int, main: bool) -> list:
+        """The probe work due at this step on this process (main: the process that logs)."""
+        due = [m for m in PROBE_METRICS if main and self._due(m, step)]
+        if main and self.gsnr_estimate == "examples" and self._due("gsnr", step):
+            due.append("gsnr_examples")
+        if self.is_distributed and self._due("ddp", step):
+            due.append("ddp")  # a collective: due on every process
+        return due
 
-    def on_probe(self, step: int, probe_batch):
+    def wants_probe(self, step: int, main: bool = True) -> bool:
+        """Whether on_probe would compute anything at this step (so the probe batch can be skipped).
+
+        Under DDP call it on every process with main=True on the one that logs:
+        the cross-process check is due on all of them at its interval."""
+        return bool(self._probe_due(step, main))
+
+    def on_probe(self, step: int, probe_batch, main: bool = True):
         """Probe metrics on a held-out batch, each at its own interval.
 
         probe_batch: (x, y) token ids as for training, or one (B, T+1) tensor
-        that is split into x = batch[:, :-1], y = batch[:, 1:]. Runs in eval
-        mode without gradients (the per-sample gradients use torch.func and
-        leave .grad alone) and restores the model's mode.
+        that is split into x = batch[:, :-1], y = batch[:, 1:]; every process
+        must pass the same batch. Runs in eval mode (the gradients use
+        torch.func and leave .grad alone) and restores the model's mode.
+        main: this process logs; the others (DDP) only join the collective
+        cross-process check, which must run on every process at its interval.
         """
-        due = [m for m in PROBE_METRICS if self._due(m, step)]
+        due = self._probe_due(step, main)
         if not due:
             return
         if torch.is_tensor(probe_batch):
@@ -338,6 +380,13 @@ class HealthMonitor:
         was_training = self.model.training
         self.model.eval()
         try:
+            if "ddp" in due:
+                self._cross_process_check(x, y)
+            if "gsnr_examples" in due:
+                covered = [i for i in self.matrices if self.params[i].numel() <= GSNR_EXAMPLES_MAX_ELEMENTS]
+                names = [self.names[i] for i in covered]
+                grads = PG.per_example_grads(self.model, names, x, y)
+                self._put_gsnr("gsnr_examples", [PG.gsnr_from_examples(grads[n]) for n in names], covered)
             with torch.no_grad():
                 if "attn_entropy" in due and hasattr(self.model, "attention_probs"):
                     for layer, probs in enumerate(self.model.attention_probs(x)):
@@ -374,6 +423,15 @@ class HealthMonitor:
         finally:
             self.model.train(was_training)
 
+    def _cross_process_check(self, x, y):
+        """Every process evaluates the same probe batch with its own weights: the population std
+        of their losses (exactly 0 when the replicas agree) and the mean pairwise cosine of their
+        gradients of that batch (1 when they agree), through a CountSketch of SKETCH_DIM numbers."""
+        loss, grads = PG.probe_loss_and_grads(self.model, x, y)
+        sketches = M.gather_gradient_sketches(grads, SKETCH_DIM, SKETCH_SEED)
+        self._put("ddp/grad_cosine", M.direction_consistency(sketches))
+        self._put("ddp/loss_std", M.loss_dispersion(M.gather_losses(loss)))
+
     def _sample_bytes(self, row: torch.Tensor) -> bytes:
         ids = row.tolist()
         if self.decode is not None:
@@ -404,22 +462,30 @@ class HealthMonitor:
 
     def state_dict(self) -> dict:
         self._flush_losses()
-        return {"gss": self.gss.state_dict(), "guard": self.guard.state_dict() if self.guard else None,
+        return {"gss": self.gss.state_dict() if self.gss is not None else None,
+                "guard": self.guard.state_dict() if self.guard else None,
+                "loss_window": self.loss_window.state_dict() if self.loss_window is not None else None,
                 "loss_steps": list(self._loss_steps), "loss_values": list(self._loss_values),
                 "losses_since_fit": self._losses_since_fit}
 
     def load_state_dict(self, state: dict):
         """Resume: restore the GSS baseline, the spike guard and the loss history."""
         self.on_rollback(state)
-        if self.guard is not None and state.get("guard") is not None:
+        if self.guard is not None and state["guard"] is not None:
             self.guard.load_state_dict(state["guard"])
+        if self.loss_window is not None and state["loss_window"] is not None:
+            self.loss_window.load_state_dict(state["loss_window"], device=self._device())
+
+    def _device(self):
+        return self.params[0].device if self.params else None
 
     def on_rollback(self, state: dict):
         """After a rollback to a checkpoint: take its GSS baseline (from before the
         spike cluster) and loss history, but keep the guard's live state (its window
         was just emptied and its counters include this rollback)."""
-        self.gss.load_state_dict(state["gss"], device=self.params[0].device if self.params else None)
+        if self.gss is not None and state["gss"] is not None:
+            self.gss.load_state_dict(state["gss"], device=self._device())
         self._loss_steps, self._loss_values = list(state["loss_steps"]), list(state["loss_values"])
-        self._losses_since_fit = state.get("losses_since_fit", 0)
+        self._losses_since_fit = state["losses_since_fit"]
         self._loss_pending, self._snapshot, self._gsnr = [], None, None
 

@@ -28,9 +28,9 @@ import numpy as np
 
 from data.cache import replace_dir
 from monitor import diagnosis as D
+from monitor.report_plots import Panel, render_panels
 
 REPORT_DIR = "report"
-LEGEND_MAX = 12  # more lines than this: colour by model order instead of a legend
 SPIKE_TABLE_ROWS = 20
 # Probe metrics that exist for language models only (monitor/Kconfig: inside "if MODEL_GPT2")
 LM_PROBE_SETTINGS = ("MONITOR_ATTN_ENTROPY_INTERVAL", "MONITOR_TOKEN_ENTROPY_INTERVAL", "MONITOR_ACT_SPECTRA_INTERVAL",
@@ -225,19 +225,6 @@ def header(run: Run) -> list[str]:
 
 
 @dataclasses.dataclass
-class Panel:
-    title: str
-    lines: dict  # label -> (steps, values)
-    off: str | None  # the setting that turns the metric on (None: say nothing when absent)
-    ylabel: str = ""
-    logy: bool = False
-    hlines: tuple = ()  # (y, label) reference levels
-    band: tuple | None = None  # (low, high): the healthy range, shaded
-    markers: bool = False  # spike and rollback steps as vertical lines
-    bold: tuple = ()  # labels drawn thick (summaries such as the global value)
-
-
-@dataclasses.dataclass
 class Section:
     title: str
     text: str
@@ -271,51 +258,6 @@ def pick(series: dict, *keys, labels=None) -> dict:
     return {label: series[k] for k, label in zip(keys, labels) if k in series}
 
 
-def render_panels(panels: list, path: Path, spike_steps, rollback_steps) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    height = 3.3 * len(panels)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(9, height), squeeze=False)
-    # fixed margins: tight_layout would measure every tick label, which costs more than the plot
-    fig.subplots_adjust(left=0.09, right=0.98, top=1 - 0.35 / height, bottom=0.5 / height, hspace=0.45)
-    for ax, panel in zip(axes[:, 0], panels):
-        many = len(panel.lines) - len(panel.bold) > LEGEND_MAX
-        colours = plt.cm.viridis(np.linspace(0, 0.9, max(len(panel.lines), 1)))
-        for i, (label, (steps, values)) in enumerate(panel.lines.items()):
-            if label in panel.bold:
-                ax.plot(steps, values, color="black", linewidth=2.0, label=label, zorder=3)
-            else:
-                ax.plot(steps, values, color=colours[i] if many else None, linewidth=0.9 if many else 1.3,
-                        label=None if many else label, marker="." if len(steps) < 30 else None)
-        if panel.band:
-            ax.axhspan(*panel.band, color="green", alpha=0.08, label="healthy range")
-        for y, label in panel.hlines:
-            ax.axhline(y, color="grey", linestyle="--", linewidth=1.0)
-            ax.annotate(label, (0.005, y), xycoords=("axes fraction", "data"), fontsize=7, color="dimgrey",
-                        va="bottom")
-        if panel.markers:
-            if spike_steps:
-                ax.vlines(spike_steps, 0, 1, transform=ax.get_xaxis_transform(), colors="red", linestyles=":",
-                          linewidth=1.0, alpha=0.7, label="spike (spikes.jsonl)")
-            if rollback_steps:
-                ax.vlines(rollback_steps, 0, 1, transform=ax.get_xaxis_transform(), colors="black",
-                          linestyles="--", linewidth=1.2, label="rollback")
-        if panel.logy:
-            ax.set_yscale("log")
-        ax.set_title(panel.title + (f"  ({len(panel.lines)} series; colour = model order, dark first)"
-                                    if many else ""), fontsize=10)
-        ax.set_ylabel(panel.ylabel)
-        ax.set_xlabel("optimizer step")
-        ax.grid(True, alpha=0.3)
-        handles, _ = ax.get_legend_handles_labels()
-        if handles:
-            ax.legend(fontsize=7, loc="best", ncol=2 if len(handles) > 6 else 1)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------- sections
 
 
@@ -347,12 +289,28 @@ def sections(run: Run) -> list[Section]:
         Section("Gradient Spike Score (GSS)",
                 "GSS = ||g_t|| / EMA(||g||) (seed 000): 1 is business as usual. Above 2 for many points: "
                 "momentum pollution; a transient spike far above 10: a data outlier. Red dotted lines: spike "
-                "steps from spikes.jsonl; black dashed: rollbacks.", "gss.png", [
+                "steps from spikes.jsonl; black dashed: rollbacks. Second panel: the element-wise score "
+                "|g| / sqrt(v) against Adam's second moment per parameter class, maximum (solid) and p99.9 "
+                "(dashed, 1 element in 1000 above it). Healthy ranges differ by class: attention, MLP and other "
+                "dense weights stay at a few units (max above "
+                f"{D.ELEM_GSS_DENSE_MAX:g} is an element-wise spike); the embedding's maximum is 1e2-1e5 on every "
+                "step in a healthy run, because rows of tokens not seen for many steps have v near 0 "
+                "(|g| / eps: the rare-token effect), so judge it by its p99.9 (tens; alarm above "
+                f"{D.ELEM_GSS_EMBEDDING_P999:g}). GPT-2 ties the output head to the token embedding: that one "
+                "tensor is the 'embedding' class, and 'head' appears only for an untied head (ResNet's fc).",
+                "gss.png", [
                     Panel("GSS", pick(s, "gss/global", "gss/max", "gss/elementwise_max",
                                       labels=("global", "max over tensors", "max element-wise (vs Adam v)")),
                           "MONITOR_GSS_INTERVAL=0", ylabel="GSS", logy=True, markers=True,
                           hlines=((D.GSS_PERSISTENT, f"{D.GSS_PERSISTENT:g}: momentum pollution if persistent"),
-                                  (D.GSS_SPIKE, f"{D.GSS_SPIKE:g}: spike")))]),
+                                  (D.GSS_SPIKE, f"{D.GSS_SPIKE:g}: spike"))),
+                    Panel("element-wise GSS per parameter class (solid: max, dashed: p99.9)",
+                          family(s, "gss_elem", rename=lambda name: name.replace("/", " ")),
+                          "MONITOR_GSS_INTERVAL=0", ylabel="|g| / sqrt(v)",
+                          logy=True, markers=True, dashed=" p999",
+                          hlines=((D.ELEM_GSS_DENSE_MAX, f"{D.ELEM_GSS_DENSE_MAX:g}: dense-class alarm"),
+                                  (D.ELEM_GSS_EMBEDDING_P999,
+                                   f"{D.ELEM_GSS_EMBEDDING_P999:g}: embedding p99.9 alarm")))]),
         Section("Update-to-weight ratio",
                 "||w_after - w_before|| / ||w_before|| per weight matrix over one optimizer step (the step "
                 "taken). Healthy about 1e-3 (shaded 1e-4..1e-2); above 1e-2 the learning rate is too high, "
@@ -364,12 +322,16 @@ def sections(run: Run) -> list[Section]:
                           hlines=((D.UPDATE_RATIO_LOW, "1e-4: stagnation"),
                                   (D.UPDATE_RATIO_HIGH, "1e-2: LR too high")))]),
         Section("Gradient signal-to-noise and cross-process consistency",
-                "GSNR = E[g]^2 / Var(g) across micro-batches (low in deep layers hints at residual or "
-                "normalisation problems); under DDP, the cosine between the processes' gradients and the "
-                "spread of their losses.", "gsnr.png", [
-                    Panel("GSNR", {**per_matrix("gsnr", ("mean",)), **pick(s, "gsnr/mean", labels=("mean",))},
-                          "MONITOR_GSNR_INTERVAL=0 or GRAD_ACCUM_STEPS < 2", ylabel="GSNR", logy=True,
-                          bold=("mean",)),
+                "GSNR = E[g]^2 / Var(g) per weight matrix, across the micro-batches of a step (gsnr_micro) or, "
+                "without gradient accumulation, across the examples of the probe batch (gsnr_examples); low in "
+                "deep layers hints at residual or normalisation problems. Under DDP every process evaluates the "
+                "same probe batch: the cosine between their gradients of it is 1 and the spread of their losses "
+                "exactly 0 while the replicas agree.", "gsnr.png", [
+                    Panel("GSNR", {**per_matrix("gsnr_micro", ("mean",)), **per_matrix("gsnr_examples", ("mean",)),
+                                   **pick(s, "gsnr_micro/mean", "gsnr_examples/mean",
+                                          labels=("mean (micro-batches)", "mean (examples)"))},
+                          "MONITOR_GSNR_INTERVAL=0", ylabel="GSNR", logy=True,
+                          bold=("mean (micro-batches)", "mean (examples)")),
                     Panel("direction consistency (DDP)", pick(s, "ddp/grad_cosine", labels=("cosine",)),
                           "single process or MONITOR_DDP_CONSISTENCY_INTERVAL=0", ylabel="cosine",
                           hlines=((D.DIRECTION_CONSISTENCY_LOW, "low"),)),
@@ -498,18 +460,24 @@ def spike_table(run: Run) -> list[str]:
         return lines + ["*spikes.jsonl is empty.*", ""]
     lines += [f"{len(run.spike_steps)} spike(s), {len(run.rollback_steps)} rollback(s). "
               "`make data-filter RUN=<run>` writes the corpus without the documents of the spike batches.", "",
-              "| step | event | action | max GSS | where | samples |", "|---|---|---|---|---|---|"]
+              "| step | event | action | signal | max GSS | tensors (GSS) | samples |",
+              "|---|---|---|---|---|---|---|"]
     for e in events[:SPIKE_TABLE_ROWS]:
         if e.get("event") == "rollback":
-            lines.append(f"| {e.get('step')} | rollback | to step {e.get('to_step')} | | | |")
+            lines.append(f"| {e.get('step')} | rollback | to step {e.get('to_step')} | | | | |")
             continue
         gss = e.get("max_gss", e.get("gss"))
         samples = e.get("samples") or []
         names = [str(x.get("doc", x.get("index", "?"))) for x in samples]
         shown = ", ".join(dict.fromkeys(names[:8])) + (f" (+{len(names) - 8})" if len(names) > 8 else "")
-        where = short_name(str(e.get("param", e.get("layer", ""))))
+        tensors = e.get("tensors")  # the top tensors by GSS (older records: the one largest)
+        where = (", ".join(f"{short_name(str(t['param']))} ({_fmt(float(t['gss']))})" for t in tensors) if tensors
+                 else short_name(str(e.get("param", e.get("layer", "")))))
         size = _fmt(float(gss)) if gss is not None else ""
-        lines.append(f"| {e.get('step')} | spike | {e.get('action', '')} | {size} | {where} | {shown} |")
+        signal = "+".join(e.get("signals") or ["gss"])
+        if "loss" in signal and e.get("loss") is not None:
+            signal += f" (loss {_fmt(float(e['loss']))} > {_fmt(float(e['loss_threshold']))})"
+        lines.append(f"| {e.get('step')} | spike | {e.get('action', '')} | {signal} | {size} | {where} | {shown} |")
     if len(events) > SPIKE_TABLE_ROWS:
         lines.append(f"\n({len(events) - SPIKE_TABLE_ROWS} more records in spikes.jsonl)")
     return lines + [""]

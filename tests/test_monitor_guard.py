@@ -16,7 +16,7 @@ def test_spike_is_strictly_above_tau_and_nan_is_not_a_spike():
     d = run(g, [(1, 9.9), (2, 10.0), (3, 10.1), (4, math.nan)])
     assert [x.spike for x in d] == [False, False, True, False]
     assert d[0] == Decision(spike=False, action="none", rollback=False)
-    assert d[2] == Decision(spike=True, action="skip", rollback=False)
+    assert d[2] == Decision(spike=True, action="skip", rollback=False, signals=("gss",))
 
 
 @pytest.mark.parametrize("action", ["log", "clip", "skip"])
@@ -55,7 +55,7 @@ def test_state_dict_round_trip_continues_identically():
     run(a, [(1, 6), (2, 1), (3, 7)])
     b = SpikeGuard(tau=5.0, cluster_k=2, cluster_window=10)
     b.load_state_dict(a.state_dict())
-    assert a.observe(4, 9) == b.observe(4, 9) == Decision(True, "log", True)
+    assert a.observe(4, 9) == b.observe(4, 9) == Decision(True, "log", True, ("gss",))
     assert b.total_spikes == 3 and b.total_rollbacks == 1
 
 
@@ -64,3 +64,17 @@ def test_bad_settings_are_refused_with_a_clear_message():
         SpikeGuard(action="drop")
     with pytest.raises(ValueError, match="tau"):
         SpikeGuard(tau=0.0)
+
+
+def test_only_the_watched_signals_make_a_spike_and_the_decision_names_them():
+    gss_only, loss_only, both = (SpikeGuard(tau=10.0, signals=s) for s in (("gss",), ("loss",), ("gss", "loss")))
+    assert not gss_only.observe(1, 1.0, loss_spike=True).spike
+    assert gss_only.observe(2, 50.0, loss_spike=True).signals == ("gss",)
+    assert not loss_only.observe(1, 50.0).spike
+    assert loss_only.observe(2, 1.0, loss_spike=True).signals == ("loss",)
+    assert both.observe(1, 50.0).signals == ("gss",)
+    assert both.observe(2, 1.0, loss_spike=True).signals == ("loss",)
+    assert both.observe(3, 50.0, loss_spike=True).signals == ("gss", "loss")
+    assert not both.observe(4, math.nan, loss_spike=False).spike
+    with pytest.raises(ValueError, match="signals"):
+        SpikeGuard(signals=("grad",))

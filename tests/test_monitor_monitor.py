@@ -4,7 +4,6 @@ import math
 import os
 import tempfile
 import time
-import types
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import torch.nn as nn
 from models import GPT, GPTConfig
 from monitor import metrics as M
 from monitor.monitor import INTERVALS, HealthMonitor
+from monitor_settings import monitor_cfg
 from references import gsnr_loop
 
 VOCAB, T = 30, 8
@@ -23,10 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_cfg(monitor=True, accum=1, **settings):
-    cfg = {sym: 0 for sym in INTERVALS.values()}
-    cfg.update(MONITOR=monitor, GRAD_ACCUM_STEPS=accum, MONITOR_GSS_EMA_BETA=0.9, MONITOR_SPIKE_GUARD=False)
-    cfg.update({k if k.startswith("MONITOR") else f"MONITOR_{k}": v for k, v in settings.items()})
-    return types.SimpleNamespace(**cfg)
+    """Complete settings from the Kconfig defaults (tests/monitor_settings.py), every interval 0
+    unless named."""
+    return monitor_cfg(MONITOR=monitor, GRAD_ACCUM_STEPS=accum, **settings)
 
 
 def make_model(seed=0):
@@ -59,13 +58,13 @@ def train_step(model, opt, mon, step, micro, loss_scale=1.0):
 def test_disabled_monitor_computes_nothing():
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    cfg = make_cfg(monitor=False, GRAD_NORM_INTERVAL=1, GSS_INTERVAL=1, WEIGHT_SPECTRA_INTERVAL=1,
-                   ATTN_ENTROPY_INTERVAL=1, MONITOR_SPIKE_GUARD=True)
+    cfg = make_cfg(monitor=False)
+    assert cfg.MONITOR_GSS_INTERVAL is None  # Kconfig hides the monitor's symbols with it
     mon = HealthMonitor(cfg, model, opt)
     for step in range(1, 3):
         assert train_step(model, opt, mon, step, batches(1, step)).action == "none"
         assert not mon.wants_probe(step)
-    assert mon.metrics() == {} and mon.gss.steps == 0 and mon.guard is None
+    assert mon.metrics() == {} and mon.gss is None and mon.guard is None
 
 
 def test_each_metric_appears_only_on_its_interval_steps():
@@ -76,7 +75,8 @@ def test_each_metric_appears_only_on_its_interval_steps():
     for step in range(1, 7):
         train_step(model, opt, mon, step, batches(1, step))
         seen[step] = {k.split("/")[0] for k in mon.metrics()}
-    assert seen == {1: set(), 2: {"grad_norm"}, 3: {"gss"}, 4: {"grad_norm"}, 5: set(), 6: {"grad_norm", "gss"}}
+    assert seen == {1: set(), 2: {"grad_norm"}, 3: {"gss", "gss_elem"}, 4: {"grad_norm"}, 5: set(),
+                    6: {"grad_norm", "gss", "gss_elem"}}
     assert mon.gss.steps == 6  # the GSS baseline follows every step, not only the logged ones
 
 
@@ -131,12 +131,81 @@ def test_gsnr_is_computed_from_the_micro_batch_gradients():
     mon = HealthMonitor(make_cfg(accum=3, GSNR_INTERVAL=1), model, opt)
     train_step(model, opt, mon, 1, micro)
     got = mon.metrics()
-    assert got[f"gsnr/{name}"] == pytest.approx(ref, rel=1e-3)
-    assert "gsnr/mean" in got
+    assert mon.gsnr_estimate == "micro" and not mon.wants_probe(1)
+    assert got[f"gsnr_micro/{name}"] == pytest.approx(ref, rel=1e-3)
+    assert "gsnr_micro/mean" in got
 
-    mon1 = HealthMonitor(make_cfg(accum=1, GSNR_INTERVAL=1), model, opt)  # one micro-batch: no GSNR
+    # one micro-batch: no micro-batch estimate; the probe batch's examples give it instead
+    mon1 = HealthMonitor(make_cfg(accum=1, GSNR_INTERVAL=1), model, opt)
     train_step(model, opt, mon1, 1, micro[:1])
+    assert mon1.gsnr_estimate == "examples" and mon1.wants_probe(1) and not mon1.wants_probe(1, main=False)
     assert not any(k.startswith("gsnr") for k in mon1.metrics())
+
+
+def test_gsnr_from_per_example_gradients_matches_a_per_example_backward_loop():
+    model = make_model()
+    model.train()
+    probe = torch.randint(0, VOCAB, (5, T + 1), generator=torch.Generator().manual_seed(11))
+    x, y = probe[:, :-1], probe[:, 1:]
+    names = ["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"]
+    per_example = {n: [] for n in names}  # reference: one backward per example, .grad read each time
+    params = dict(model.named_parameters())
+    for b in range(5):
+        model.zero_grad()
+        model(x[b:b + 1], y[b:b + 1])[1].backward()
+        for n in names:
+            per_example[n].append(params[n].grad.double().reshape(-1).clone())
+    model.zero_grad(set_to_none=True)
+
+    mon = HealthMonitor(make_cfg(GSNR_INTERVAL=3), model, None)
+    assert mon.wants_probe(3) and not mon.wants_probe(2)
+    mon.on_probe(3, probe)
+    got = mon.metrics()
+    assert model.training and all(p.grad is None for p in model.parameters())
+    for n in names:
+        assert got[f"gsnr_examples/{n}"] == pytest.approx(gsnr_loop(torch.stack(per_example[n]).numpy()), rel=1e-3)
+    matrices = [n for n, p in model.named_parameters() if p.dim() >= 2]
+    assert {k for k in got if k.startswith("gsnr_examples/")} == {f"gsnr_examples/{n}" for n in matrices} | {
+        "gsnr_examples/mean"}
+    assert got["gsnr_examples/mean"] == pytest.approx(np.mean([got[f"gsnr_examples/{n}"] for n in matrices]))
+
+    # matrices above the size cap (a BPE token embedding) are left out of the example estimate
+    import monitor.monitor as MM
+    cap = MM.GSNR_EXAMPLES_MAX_ELEMENTS
+    try:
+        MM.GSNR_EXAMPLES_MAX_ELEMENTS = params["transformer.wte.weight"].numel() - 1
+        mon.on_probe(6, probe)
+        capped = mon.metrics()
+    finally:
+        MM.GSNR_EXAMPLES_MAX_ELEMENTS = cap
+    assert "gsnr_examples/transformer.wte.weight" not in capped
+    assert capped[f"gsnr_examples/{names[1]}"] == pytest.approx(got[f"gsnr_examples/{names[1]}"])
+
+
+def test_the_trainers_grad_norm_is_used_and_changes_nothing_else():
+    micro = batches(1, 5)
+    runs = {}
+    for given in (False, True, "doubled"):
+        model = make_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        mon = HealthMonitor(make_cfg(GRAD_NORM_INTERVAL=1, GSS_INTERVAL=1), model, opt)
+        for step in (1, 2, 3):
+            x, y = micro[0]
+            model(x, y)[1].backward()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], foreach=True)
+            kw = {} if not given else {"grad_norm": norm * (2 if given == "doubled" else 1)}
+            mon.before_step(step, **kw)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mon.after_step(step, 1.0)
+            runs[given] = mon.metrics()
+    own, trainer, doubled = runs[False], runs[True], runs["doubled"]
+    assert own.keys() == trainer.keys()
+    for k in own:
+        assert trainer[k] == pytest.approx(own[k], rel=1e-5), k
+    assert doubled["grad_norm/global"] == pytest.approx(2 * own["grad_norm/global"], rel=1e-5)  # it is read
+    per_tensor = [k for k in own if k.startswith("gss/transformer")]
+    assert all(doubled[k] == pytest.approx(own[k], rel=1e-5) for k in per_tensor)
 
 
 def guard_cfg(action, **kw):
@@ -274,42 +343,48 @@ def _ddp_worker(rank, world, init_file, result_file):
     from torch.nn.parallel import DistributedDataParallel as DDP
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = {}
+
+    # 1. one shared probe batch, GRAD_ACCUM_STEPS=1: identical replicas, then one rank perturbed
+    model = make_model(seed=0)
+    mon = HealthMonitor(make_cfg(accum=1, DDP_CONSISTENCY_INTERVAL=2), model, None, is_distributed=True)
+    probe = torch.randint(0, VOCAB, (4, T + 1), generator=torch.Generator().manual_seed(5))  # same on all ranks
+    main = rank == 0
+    out["wants"] = [mon.wants_probe(s, main=main) for s in (1, 2)]
+    mon.on_probe(2, probe, main=main)
+    out["same"] = mon.metrics()
+    if rank == 1:
+        with torch.no_grad():
+            wte = dict(model.named_parameters())["transformer.wte.weight"]  # also the output head
+            wte.add_(0.02 * torch.randn(wte.shape, generator=torch.Generator().manual_seed(1)))
+    mon.on_probe(4, probe, main=main)
+    out["diverged"] = mon.metrics()
+
+    # 2. the micro-batch GSNR under DDP leaves out the last (averaged) micro-batch
     model = make_model(seed=0)
     ddp = DDP(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    cfg = make_cfg(accum=3, DDP_CONSISTENCY_INTERVAL=1, GSNR_INTERVAL=1)
-    mon = HealthMonitor(cfg, model, opt, is_distributed=True)
-    micro = batches(3, 100 + rank)  # each rank its own data
-    local, snaps = None, []
-    for i, (x, y) in enumerate(micro):
-        last = i == len(micro) - 1
-        if last:
-            loss = ddp(x, y)[1] / 3
-            loss.backward()
+    mon = HealthMonitor(make_cfg(accum=3, GSNR_INTERVAL=1), model, opt, is_distributed=True)
+    snaps = []
+    for i, (x, y) in enumerate(batches(3, 100 + rank)):  # each rank its own data
+        if i == 2:
+            (ddp(x, y)[1] / 3).backward()
         else:
             with ddp.no_sync():
                 (ddp(x, y)[1] / 3).backward()
-        if i < 2:
             snaps.append(dict(model.named_parameters())[GSNR_PARAM].grad.clone())
-        if i == 1:
-            local = [p.grad.clone() for p in model.parameters()]
         mon.on_micro_batch(1, i)
     mon.before_step(1)
-    opt.step()
-    mon.after_step(1, torch.tensor(1.0 + rank))
-    flat = torch.cat([g.reshape(-1) for g in local])
-    all_flat = [torch.empty_like(flat) for _ in range(world)]
-    dist.all_gather(all_flat, flat)
-    # the gather helpers on their own
+    out["gsnr"], out["snaps"] = mon.metrics(), snaps
+
+    # 3. the gather helper on its own
     torch.manual_seed(100 + rank)
-    sketches = M.gather_gradient_sketches([torch.randn(20, 10), None, torch.randn(30)], dim=64, seed=3)
-    if rank == 0:
-        torch.save({"metrics": mon.metrics(), "local": all_flat, "snaps": snaps, "sketches": sketches},
-                   result_file)
+    out["sketches"] = M.gather_gradient_sketches([torch.randn(20, 10), None, torch.randn(30)], dim=64, seed=3)
+    torch.save(out, f"{result_file}.{rank}")
     dist.destroy_process_group()
 
 
-def test_ddp_consistency_and_loss_dispersion_across_two_processes():
+def test_ddp_consistency_and_loss_dispersion_on_one_shared_probe_batch():
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         init, result = os.path.join(tmp, "init"), os.path.join(tmp, "result.pt")
@@ -321,20 +396,23 @@ def test_ddp_consistency_and_loss_dispersion_across_two_processes():
                 for proc in workers.processes:
                     proc.kill()
                 pytest.fail("the two DDP test workers did not finish (a collective hung)")
-        got = torch.load(result)
+        got = [torch.load(f"{result}.{rank}") for rank in range(2)]
+    # the check is due on every rank at its interval (a collective), whichever rank logs
+    assert got[0]["wants"] == got[1]["wants"] == [False, True]
+    same, diverged = got[0]["same"], got[0]["diverged"]
+    assert same["ddp/loss_std"] == 0.0  # identical replicas: exactly no spread
+    assert same["ddp/grad_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert diverged["ddp/loss_std"] > 1e-3
+    assert diverged["ddp/grad_cosine"] < 1 - 1e-3
+    assert set(got[1]["same"]) == {"ddp/loss_std", "ddp/grad_cosine"}  # rank 1 ran only the collective
     for rank in range(2):  # each row is that rank's own sketch, made with the shared projection
         torch.manual_seed(100 + rank)
         own = M.gradient_sketch([torch.randn(20, 10), None, torch.randn(30)], 64, 3)
-        assert torch.allclose(got["sketches"][rank], own)
-    m = got["metrics"]
-    assert m["ddp/loss_std"] == pytest.approx(0.5)  # losses 1 and 2
-    true_cos = M.direction_consistency(torch.stack(got["local"])).item()
-    assert m["ddp/grad_cosine"] == pytest.approx(true_cos, abs=0.05)
-    assert m["ddp/grad_cosine"] < 0.99  # the local gradients were compared, not the averaged ones
-    # GSNR from this rank's micro-batches 0 and 1; the last one (averaged across ranks) is left out
-    g0, g1 = got["snaps"][0], got["snaps"][1] - got["snaps"][0]
+        assert torch.allclose(got[0]["sketches"][rank], own)
+    # GSNR from rank 0's micro-batches 0 and 1; the last one (averaged across ranks) is left out
+    g0, g1 = got[0]["snaps"][0], got[0]["snaps"][1] - got[0]["snaps"][0]
     ref = gsnr_loop(torch.stack([g0.reshape(-1), g1.reshape(-1)]).numpy())
-    assert m[f"gsnr/{GSNR_PARAM}"] == pytest.approx(ref, rel=1e-3)
+    assert got[0]["gsnr"][f"gsnr_micro/{GSNR_PARAM}"] == pytest.approx(ref, rel=1e-3)
 
 
 # ------------------------------------------------------------------ Kconfig

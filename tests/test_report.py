@@ -136,9 +136,20 @@ def test_distributed_rules():
     assert D.loss_dispersion_rule(steps, np.zeros(5)) == []
     (f,) = D.loss_dispersion_rule(steps, [0, 0, 0.2, 0, 0])
     assert "silent inconsistency" in f.message and "step 2" in f.message
-    assert D.direction_consistency_rule(steps, np.full(5, 0.8)) == []
-    (f,) = D.direction_consistency_rule(steps, np.full(5, 0.05))
-    assert "unsynchronised" in f.message
+    assert D.direction_consistency_rule(steps, np.full(5, 1.0)) == []  # the same batch on every replica
+    (f,) = D.direction_consistency_rule(steps, np.full(5, 0.9))
+    assert "unsynchronised" in f.message and "same probe batch" in f.message
+
+
+def test_elementwise_gss_rule_judges_dense_classes_by_max_and_the_embedding_by_p999():
+    healthy = {"embedding/max": [800.0, 5e4], "embedding/p999": [10.0, 135.0], "attention/max": [4.0, 5.5],
+               "mlp/max": [3.0, 2.0], "mlp/p999": [2.0, 1.5]}
+    assert D.elementwise_gss_rule(healthy) == []  # a 5e4 embedding maximum is the rare-token effect
+    (f,) = D.elementwise_gss_rule({**healthy, "attention/max": [4.0, 60.0]})
+    assert "attention" in f.message and "60" in f.message
+    (f,) = D.elementwise_gss_rule({**healthy, "embedding/p999": [10.0, 2000.0]})
+    assert "embedding" in f.message and "rare-token" in f.message
+    assert D.elementwise_gss_rule({"mlp/max": [float("nan"), 3.0]}) == []
 
 
 def test_loss_curve_rules():
@@ -228,8 +239,14 @@ def synthetic_records(anomalous: bool, full: bool = True) -> list[dict]:
                 gss_max = gss = 500.0
             if anomalous and 30 <= step <= 40:
                 gss = 3.0
+            # element-wise GSS per class at healthy levels (the embedding's max is the rare-token
+            # effect); the anomalous run has an element-wise spike in the MLP
+            r.update({"gss_elem/embedding/max": 800.0, "gss_elem/embedding/p999": 10.0,
+                      "gss_elem/attention/max": 4.0, "gss_elem/attention/p999": 3.0,
+                      "gss_elem/mlp/max": 300.0 if anomalous and step == SPIKE_STEP else 4.0,
+                      "gss_elem/mlp/p999": 3.0})
             r.update({"grad_norm/global": gnorm, "gss/global": gss, "gss/max": gss_max,
-                      "gss/elementwise_max": 2.0, "update_ratio/global": 1e-3, "gsnr/mean": 0.1,
+                      "gss/elementwise_max": 800.0, "update_ratio/global": 1e-3, "gsnr_examples/mean": 0.1,
                       "monitor/token_entropy": 6.0 - 2 * t, "guard/spikes": 0.0})
             for i, name in enumerate(MATRICES):
                 r[f"grad_norm/{name}"] = gnorm / 2
@@ -240,7 +257,7 @@ def synthetic_records(anomalous: bool, full: bool = True) -> list[dict]:
                 if anomalous and i == 1:
                     ratio = 1e-5
                 r[f"update_ratio/{name}"] = ratio
-                r[f"gsnr/{name}"] = 0.1
+                r[f"gsnr_examples/{name}"] = 0.1
                 if step % 5 == 0:
                     sing = 4.0 - 0.2 * t
                     if anomalous and i == 2 and step >= 40:
@@ -287,7 +304,9 @@ def make_run(folder: Path, anomalous: bool, full: bool = True, spikes: bool = Tr
         events = []
         if anomalous:
             events = [{"step": SPIKE_STEP, "event": "spike", "action": "log", "max_gss": 500.0,
-                       "param": MATRICES[0], "gss_global": 480.0,
+                       "param": MATRICES[0], "gss_global": 480.0, "signals": ["gss", "loss"], "loss": 9.5,
+                       "loss_threshold": 4.25, "tensors": [{"param": MATRICES[0], "gss": 500.0, "grad_norm": 3.0},
+                                                           {"param": MATRICES[1], "gss": 120.0, "grad_norm": 1.0}],
                        "samples": [{"doc": "hamlet_gut", "doc_index": 3, "offset": 120},
                                    {"doc": "macbeth_gut", "doc_index": 7, "offset": 0}]},
                       {"step": 45, "event": "rollback", "to_step": 40}]
@@ -353,7 +372,7 @@ def test_diagnose_planted_anomalies(tmp_path):
     messages = " ".join(f.message for fs in results.values() if fs for f in fs)
     for phrase in ("learning rate too high", "stagnating", "momentum pollution", "data outlier", "vanishing",
                    "gradient-norm spike", "not decreasing", "collapsed", "rank collapse", "silent inconsistency",
-                   "contamination", "power-law trend", "rollback"):
+                   "contamination", "power-law trend", "rollback", "element-wise GSS in mlp"):
         assert phrase in messages, phrase
 
 
@@ -376,6 +395,7 @@ def test_report_renders_every_section(tmp_path):
     assert "60 of 60" in text
     # spike table and diagnosis
     assert "hamlet_gut" in text and "| 45 | rollback |" in text
+    assert "| gss+loss (loss 9.5 > 4.25) | 500 |" in text and "(120)" in text
     diagnosis = text[text.index("## Diagnosis"):]
     for phrase in ("learning rate too high", "momentum pollution", "data outlier", "make data-filter",
                    "vanishing", "rank collapse", "contamination"):

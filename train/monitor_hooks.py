@@ -16,6 +16,7 @@ import torch
 class StepDecision:
     skip: bool = False
     rollback: bool = False
+    clipped: bool = False  # the guard scaled spiking gradients in place: the trainer's grad_norm is stale
 
 
 def build_monitor(cfg, model, optimizer, family, info, runlog, probe_on_all_ranks=False):
@@ -36,22 +37,29 @@ class TrainerMonitor:
         self.spikes = 0
         self.rollbacks = 0
         self._probe = None
-        # probes are rank-0 work, except under FSDP where every forward pass is collective
-        self.probe_here = info.is_main or probe_on_all_ranks
+        # Probe metrics are rank-0 work, except under FSDP where every forward pass is
+        # collective. The cross-process check (DDP) is due on every rank at its interval:
+        # all ranks evaluate the same probe batch (family.probe_batch is a fixed, seeded
+        # held-out batch, identical on every rank), so their losses and gradients compare.
+        self.probe_main = info.is_main or probe_on_all_ranks
 
     # step numbers: the trainer passes 1-based optimizer steps throughout
 
     def on_micro_batch(self, step: int, micro: int) -> None:
         self.health.on_micro_batch(step + 1, micro)
 
-    def before_step(self, step: int, micro_sample_ids: list[torch.Tensor]) -> StepDecision:
-        decision = self.health.before_step(step)
+    def before_step(self, step: int, micro_sample_ids: list[torch.Tensor], loss: torch.Tensor | None = None,
+                    grad_norm: torch.Tensor | None = None) -> StepDecision:
+        """loss: the step's mean training loss, grad_norm: the global norm of the unscaled gradients
+        (0-dim tensors, not read here); the monitor uses the trainer's norm instead of its own."""
+        decision = self.health.before_step(step, loss=loss, grad_norm=grad_norm)
         if decision.spike:
             self.spikes += 1
             self._record_spike(step, decision, torch.cat(micro_sample_ids))
         if decision.rollback:
             self.rollbacks += 1
-        return StepDecision(skip=decision.action == "skip", rollback=decision.rollback)
+        return StepDecision(skip=decision.action == "skip", rollback=decision.rollback,
+                            clipped=decision.action == "clip")
 
     def _record_spike(self, step, decision, sample_ids) -> None:
         spike = getattr(self.health, "last_spike", None) or {}
@@ -68,13 +76,14 @@ class TrainerMonitor:
         self.health.after_step(step, loss)
 
     def on_probe(self, step: int, wrapped_model) -> None:
-        if not self.probe_here or not self.health.wants_probe(step):
+        """Call on every rank after each step (collective when the DDP check is due)."""
+        if not self.health.wants_probe(step, main=self.probe_main):
             return
         if self._probe is None:
             device = next(self.health.model.parameters()).device
             batch = self.family.probe_batch(device)
             self._probe = (batch.inputs, batch.targets)
-        self.health.on_probe(step, self._probe)
+        self.health.on_probe(step, self._probe, main=self.probe_main)
 
     def metrics(self) -> dict:
         return {f"monitor/{k}" if "/" not in k else k: v for k, v in self.health.metrics().items()}

@@ -86,7 +86,11 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
 
     grads = [p.grad for p in run.params if p.grad is not None]
     grad_norm = global_grad_norm(run.params)
-    decision = run.monitor.before_step(step + 1, micro_ids) if run.monitor is not None else None
+    decision = None
+    if run.monitor is not None:
+        decision = run.monitor.before_step(step + 1, micro_ids, loss=step_loss, grad_norm=grad_norm)
+        if decision.clipped:  # the spike guard scaled the gradients: what follows needs their new norm
+            grad_norm = global_grad_norm(run.params)
     if run.clipper is not None:
         run.clipper.clip_(grads, grad_norm)
     skip = _skip_verdict(run, step_loss, grad_norm)

@@ -85,6 +85,7 @@ FLOAT_RANGES = {
     # monitor/Kconfig
     "MONITOR_GSS_EMA_BETA": interval("(0, 1)"),
     "MONITOR_SPIKE_TAU": interval("(1, 1e6]"),
+    "MONITOR_LOSS_SPIKE_SIGMA": interval("(0, 1000]"),
 }
 
 # String symbols holding comma-separated optimizer steps ("100,250,251"; each
