@@ -289,3 +289,16 @@ def run_jobs(jobs: list[Job], *, parallel: int = 1, common=(), say=print, thread
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+def read_jsonl_records(path: Path) -> list[dict]:
+    """The records of a .jsonl log; a line cut short by a killed run is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
