@@ -7,13 +7,12 @@ import math
 
 import pytest
 
-from scripts.kconfig.settings import load_settings
-from tests.trainutil import make_settings
+from tests.trainutil import REPO, make_settings, settings_in_process
 from train import preflight
 
 
-def settings(tmp_path, preset, **overrides):
-    return load_settings(make_settings(tmp_path / preset, preset, **overrides))
+def settings(tmp_path, preset, tiny=None, **overrides):
+    return settings_in_process(preset, tiny=tiny, OUT_DIR=str(tmp_path / "run"), **overrides)
 
 
 def test_gpt2_tiny_figures_match_independent_counts(tmp_path, capsys):
@@ -42,15 +41,16 @@ def test_gpt2_tiny_figures_match_independent_counts(tmp_path, capsys):
 
 
 def test_sparse_spam_state_is_measured_after_a_step(tmp_path):
-    dense = preflight.check(settings(tmp_path, "gpt2-tiny", DEVICE_CPU="y", MONITOR="n"), steps=1, say=lambda s: None)
-    sparse = preflight.check(settings(tmp_path / "s", "gpt2-tiny", DEVICE_CPU="y", MONITOR="n", SPAM_DENSITY="0.25"),
-                             steps=1, say=lambda s: None)
+    quiet = dict(steps=1, real_data=False, say=lambda s: None)
+    dense = preflight.check(settings(tmp_path, "gpt2-tiny", DEVICE_CPU="y", MONITOR="n"), **quiet)
+    sparse = preflight.check(settings(tmp_path, "gpt2-tiny", DEVICE_CPU="y", MONITOR="n", SPAM_DENSITY="0.25"),
+                             **quiet)
     assert dense["optimizer_state_bytes"] >= dense["dense_adam_state_bytes"]
     # Density 0.25 applies to the attention and MLP weights (S elements; the embedding stays
     # dense): their two fp32 moments shrink from 8 S to 8 x 0.25 S bytes, plus a 1-byte offset
     # per kept element and per-block counts, so at least 8 S - 2 S - 0.25 S - counts > 5 S is saved.
     from models.gpt2 import build_gpt2
-    cfg = settings(tmp_path / "m", "gpt2-tiny")
+    cfg = settings(tmp_path, "gpt2-tiny")
     model = build_gpt2(cfg)
     S = sum(p.numel() for name, p in model.named_parameters()
             if name.startswith("transformer.h.") and p.dim() == 2)
@@ -71,9 +71,7 @@ KNOWN_PARAMS = {"gpt2": 124_475_904, "resnet18": 11_173_962, "resnet50": 23_705_
 
 
 def test_every_preset_model_builds_without_data(tmp_path):
-    from scripts.runs import DEFCONFIG_DIR
-    from tests.trainutil import REPO
-    presets = sorted(p.name for p in (REPO / DEFCONFIG_DIR).iterdir() if p.is_file())
+    presets = sorted(p.name for p in (REPO / "defconfigs").iterdir() if p.is_file())
     for name in presets:
         cfg = settings(tmp_path, name, tiny=False)
         model = preflight.build_model_on_meta(cfg)

@@ -11,7 +11,7 @@ import types
 import pytest
 
 from scripts.kconfig.settings import load_settings
-from tests.trainutil import kconfig, make_settings
+from tests.trainutil import kconfig, make_settings, settings_in_process
 from train.runlog import RunLog
 from train.trackers import TrackerUnavailable, build_trackers
 
@@ -34,7 +34,7 @@ class Recorder(types.ModuleType):
 
 
 def test_trackers_are_off_by_default(tmp_path):
-    cfg = load_settings(make_settings(tmp_path, "gpt2-tiny"))
+    cfg = settings_in_process("gpt2-tiny")
     assert cfg.TRACKER_TRACKIO is False and cfg.TRACKER_WANDB is False
     assert build_trackers(cfg, tmp_path / "run") == []
 
@@ -42,7 +42,7 @@ def test_trackers_are_off_by_default(tmp_path):
 @pytest.mark.parametrize("symbol, package", [("TRACKER_TRACKIO", "trackio"), ("TRACKER_WANDB", "wandb")])
 def test_missing_package_names_the_extra(tmp_path, monkeypatch, symbol, package):
     monkeypatch.setitem(sys.modules, package, None)  # `import <package>` raises ImportError
-    cfg = load_settings(make_settings(tmp_path, "gpt2-tiny", **{symbol: "y"}))
+    cfg = settings_in_process("gpt2-tiny", **{symbol: "y"})
     with pytest.raises(TrackerUnavailable) as e:
         build_trackers(cfg, tmp_path / "run")
     assert str(e.value) == (f"error: {symbol}=y needs the {package} package, which is not installed: "
@@ -67,8 +67,7 @@ def test_wandb_mode_and_project_reach_init(tmp_path, monkeypatch):
     fake = Recorder("wandb")
     monkeypatch.setitem(sys.modules, "wandb", fake)
     for mode, sets in (("offline", {}), ("online", {"TRACKER_WANDB_ONLINE": "y"})):
-        cfg = load_settings(make_settings(tmp_path / mode, "gpt2-tiny", TRACKER_WANDB="y",
-                                          TRACKER_PROJECT="study-1", **sets))
+        cfg = settings_in_process("gpt2-tiny", TRACKER_WANDB="y", TRACKER_PROJECT="study-1", **sets)
         fake.calls.clear()
         (tracker,) = build_trackers(cfg, tmp_path / mode / "run")
         (call, kwargs), = fake.calls
