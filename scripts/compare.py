@@ -14,6 +14,10 @@ run of the comparison is exactly a run a user could have started by hand.
 
 Finished runs are reused and unfinished ones resume from their checkpoint, so an
 interrupted comparison is continued by running the same command again.
+
+The runs are trained by scripts/runs.py, which `make sweep` and `make
+check-presets` share; compare_jobs() is the whole comparison of a list of
+(name, settings overrides, seed) jobs, for tools that build their own grid.
 """
 from __future__ import annotations
 
