@@ -77,7 +77,7 @@ PRESETS = {
 # The runner (scripts/runs.py) is shared with `make sweep` and `make check-presets`;
 # its names are re-exported here, where the comparison's callers and tests know them.
 from scripts.runs import (CompareError, Entry, Job, build_config, kconfig, last_error_line,  # noqa: E402,F401
-                          parse_entry, plan_jobs, run_is_finished, run_jobs)
+                          parse_entry, plan_jobs, read_jsonl_records, run_is_finished, run_jobs)
 
 
 def overrides(max_iters: int | None, sets: list[str]) -> list[str]:
@@ -122,16 +122,7 @@ def configurations(jobs: list[Job]) -> list[tuple[str, Entry, tuple[str, ...]]]:
 
 # --------------------------------------------------------------------------- metrics
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a killed run
-    return records
+read_jsonl = read_jsonl_records  # a line cut short by a killed run is skipped
 
 
 def _finite(values) -> list[float]:
