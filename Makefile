@@ -31,7 +31,7 @@ HELP_LINE := printf '  %-26s %s\n'
 
 .DEFAULT_GOAL := help
 .PHONY: help menuconfig defconfig $(DEFCONFIG_TARGETS) olddefconfig oldconfig savedefconfig listnewconfig \
-        list-defconfigs diffconfig setconfig settings train sample test bench report compare compare-spikes data-filter verify-data clean \
+        list-defconfigs diffconfig setconfig settings train sample test bench report compare compare-spikes sweep check-presets update-baselines check data-filter verify-data clean \
         mrproper distclean deps
 
 help:
@@ -53,6 +53,10 @@ help:
 	@$(HELP_LINE) report 'Write the training-health report of a run: make report RUN=runs/<name>'
 	@$(HELP_LINE) compare 'Train and compare presets: make compare DEFCONFIGS="gpt2-tiny gpt2-tiny-adamw" [SEEDS= JOBS=]'
 	@$(HELP_LINE) compare-spikes 'The spike experiment: AdamW, AdamW+clip, SPAM (seed, paper) with and without spikes'
+	@$(HELP_LINE) sweep 'Train every combination: make sweep DEFCONFIG=gpt2-tiny SWEEP="LR=3e-4,1e-3 SPAM_THETA=50,5000" [SEEDS= JOBS= MAX_ITERS=]'
+	@$(HELP_LINE) check 'Pre-flight check of .config: build everything, time a few steps, estimate memory and run time'
+	@$(HELP_LINE) check-presets 'Regression gate: short CPU runs of the presets in baselines/ against their stored losses'
+	@$(HELP_LINE) update-baselines 'Rewrite baselines/*.json from this code (PRESETS="a b" for some; a new preset gets one)'
 	@$(HELP_LINE) data-filter 'Corpus without the documents behind gradient spikes: make data-filter RUN=runs/<name> [OUT= MIN_SPIKES=]'
 	@$(HELP_LINE) verify-data 'Check every file of the configured token corpus: size, sha256, token ids'
 	@$(HELP_LINE) bench 'Run the benchmarks'
@@ -155,6 +159,22 @@ compare: | $(DEPS_STAMP)
 
 compare-spikes: | $(DEPS_STAMP)
 	@$(PY) -m scripts.compare --preset spikes $(COMPARE_ARGS)
+
+# make sweep DEFCONFIG=gpt2-tiny SWEEP="LR=3e-4,1e-3,3e-3 SPAM_THETA=50:5000:3" [SEEDS= JOBS= MAX_ITERS= OUT= SET=]
+sweep: | $(DEPS_STAMP)
+	@test -n '$(SWEEP)' || { echo 'make sweep: name the settings to sweep, e.g. make sweep DEFCONFIG=gpt2-tiny SWEEP="LR=3e-4,1e-3,3e-3"' >&2; exit 1; }
+	@$(PY) -m scripts.sweep $(or $(DEFCONFIG),$(DEFAULT_DEFCONFIG)) $(SWEEP) $(COMPARE_ARGS)
+
+# Pre-flight: everything training builds, one real batch, a few timed steps; no training.
+check: $(SETTINGS) | $(DEPS_STAMP)
+	@$(PY) -m train.preflight
+
+# The regression gate (CI runs it beside `make test`); PRESETS="a b" checks or records only those.
+check-presets: | $(DEPS_STAMP)
+	@$(PY) -m scripts.check_presets $(PRESETS)
+
+update-baselines: | $(DEPS_STAMP)
+	@$(PY) -m scripts.check_presets --update $(PRESETS) $(foreach s,$(SET),--set $(s))
 
 # make data-filter RUN=runs/<name> [OUT=dir] [MIN_SPIKES=K]
 data-filter: | $(DEPS_STAMP)

@@ -14,6 +14,10 @@ run of the comparison is exactly a run a user could have started by hand.
 
 Finished runs are reused and unfinished ones resume from their checkpoint, so an
 interrupted comparison is continued by running the same command again.
+
+The runs are trained by scripts/runs.py, which `make sweep` and `make
+check-presets` share; compare_jobs() is the whole comparison of a list of
+(name, settings overrides, seed) jobs, for tools that build their own grid.
 """
 from __future__ import annotations
 
@@ -22,23 +26,16 @@ import json
 import math
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFCONFIG_DIR = Path("defconfigs")
-FRAGMENT_DIR = DEFCONFIG_DIR / "fragments"
 DEFAULT_OUT = Path("runs/compare")
 
 # The trainer, as `make train` runs it; tests replace it with a stand-in to exercise failures.
 TRAIN_COMMAND = [sys.executable, "-m", "train"]
-KCONFIG_COMMAND = [sys.executable, "-m", "scripts.kconfig"]
 
 # Metrics of one run (and, aggregated over seeds, of one configuration), in table order.
 METRICS = ("final_val_loss", "best_val_loss", "final_val_accuracy", "best_val_accuracy", "spikes",
@@ -77,59 +74,10 @@ PRESETS = {
 }
 
 
-class CompareError(Exception):
-    """A user error: bad configuration name, invalid setting. The message is one line."""
-
-
-# --------------------------------------------------------------------------- configurations
-
-@dataclass(frozen=True)
-class Entry:
-    """One configuration of the comparison: a defconfig and the fragments merged onto it."""
-    name: str
-    defconfig: Path
-    fragments: tuple[Path, ...]
-
-
-_NAME_PART = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-def parse_entry(name: str) -> Entry:
-    """"gpt2-tiny+spam-paper" -> defconfigs/gpt2-tiny + defconfigs/fragments/spam-paper.config."""
-    parts = name.split("+")
-    if not all(_NAME_PART.match(p) for p in parts):
-        raise CompareError(f"{name!r} is not a configuration name (<defconfig>[+<fragment>...])")
-    defconfig = DEFCONFIG_DIR / parts[0]
-    if not defconfig.is_file():
-        known = sorted(p.name for p in DEFCONFIG_DIR.iterdir() if p.is_file()) if DEFCONFIG_DIR.is_dir() else []
-        raise CompareError(f"{name}: no defconfig {defconfig} (available: {', '.join(known) or 'none'})")
-    fragments = []
-    for part in parts[1:]:
-        path = FRAGMENT_DIR / f"{part}.config"
-        if not path.is_file():
-            known = sorted(p.stem for p in FRAGMENT_DIR.glob("*.config"))
-            raise CompareError(f"{name}: no fragment {path} (available: {', '.join(known) or 'none'})")
-        fragments.append(path)
-    return Entry(name, defconfig, tuple(fragments))
-
-
-def kconfig(args: list[str], config_path: Path) -> str:
-    """Run the config tool on `config_path`; its one-line error becomes a CompareError."""
-    env = dict(os.environ, KCONFIG_CONFIG=str(config_path))
-    proc = subprocess.run(KCONFIG_COMMAND + args, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        raise CompareError(lines[-1] if lines else f"config tool failed: {' '.join(args)}")
-    return proc.stdout
-
-
-def build_config(entry: Entry, config_path: Path, assignments: list[str]) -> None:
-    """defconfig (+ fragments, in order), then the validated setter for `assignments`."""
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    fragment_args = [arg for f in entry.fragments for arg in ("--fragment", str(f))]
-    kconfig(["defconfig", str(entry.defconfig), *fragment_args], config_path)
-    if assignments:
-        kconfig(["setconfig", *assignments], config_path)
+# The runner (scripts/runs.py) is shared with `make sweep` and `make check-presets`;
+# its names are re-exported here, where the comparison's callers and tests know them.
+from scripts.runs import (CompareError, Entry, Job, build_config, kconfig, last_error_line,  # noqa: E402,F401
+                          parse_entry, plan_jobs, read_jsonl_records, run_is_finished, run_jobs)
 
 
 def overrides(max_iters: int | None, sets: list[str]) -> list[str]:
@@ -141,190 +89,40 @@ def overrides(max_iters: int | None, sets: list[str]) -> list[str]:
     return out + list(sets)
 
 
-def diffconfigs(entries: list[Entry], out: Path, common: list[str], seed: int) -> list[dict]:
-    """Each configuration against the first, in the kernel's diffconfig format.
+def diffconfigs(configs: list[tuple[str, Entry, tuple[str, ...]]], out: Path, common: list[str],
+                seed: int) -> list[dict]:
+    """Each configuration (name, entry, its own settings) against the first, in the kernel's
+    diffconfig format.
 
-    Compared on reference configs (OUT/<config>/.config) that share OUT_DIR and
+    Compared on reference configs (OUT/<name>/.config) that share OUT_DIR and
     SEED, which every run sets for itself: a diff should show what the
-    configurations change, not where their runs live.
+    configurations change, not where their runs live. Building them checks every
+    configuration before anything trains.
     """
     paths = []
-    for entry in entries:
-        path = out / entry.name / ".config"
+    for name, entry, sets in configs:
+        path = out / name / ".config"
         try:
-            build_config(entry, path, [*common, f"OUT_DIR={out}", f"SEED={seed}"])
+            build_config(entry, path, [*common, *sets, f"OUT_DIR={out}", f"SEED={seed}"])
         except CompareError as e:
-            raise CompareError(f"{entry.name}: {e}") from None
+            raise CompareError(f"{name}: {e}") from None
         paths.append(path)
-    return [{"base": entries[0].name, "config": e.name,
+    return [{"base": configs[0][0], "config": c[0],
              "diff": kconfig(["diffconfig", str(paths[0]), str(p)], paths[0]).rstrip("\n")}
-            for e, p in zip(entries[1:], paths[1:])]
+            for c, p in zip(configs[1:], paths[1:])]
 
 
-# --------------------------------------------------------------------------- running
-
-@dataclass
-class Job:
-    entry: Entry
-    seed: int
-    run_dir: Path
-    number: int  # 1-based, for progress lines
-    status: str = "pending"  # done | reused | failed | interrupted | not started | pending
-    error: str = ""
-    seconds: float = 0.0
-    resumed: bool = False
-
-    @property
-    def label(self) -> str:
-        return f"{self.entry.name} seed{self.seed}"
-
-
-def run_is_finished(run_dir: Path) -> bool:
-    """summary.json says every step ran, with the .config we just built (not an older one)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if summary.get("steps") is None or summary.get("steps") != summary.get("total_iters"):
-        return False
-    kept = run_dir / "config"  # the trainer's copy of the .config it ran with
-    return not kept.is_file() or kept.read_bytes() == (run_dir / ".config").read_bytes()
-
-
-_TQDM_BAR = re.compile(r"\d+/\d+ \[[^\]]*\]\s*$")
-
-
-def last_error_line(stderr_tail: str) -> str:
-    """The last line of a run's stderr that is not a progress bar."""
-    for line in reversed(re.split(r"[\r\n]+", stderr_tail)):
-        line = line.strip()
-        if line and not _TQDM_BAR.search(line):
-            return line
-    return "no error message (see train.log)"
-
-
-class Runner:
-    """Runs jobs, JOBS at a time, each trainer in its own session so that Ctrl-C reaches
-    only us; we then ask every running trainer to checkpoint and stop (one SIGTERM)."""
-
-    def __init__(self, jobs: int, common: list[str], say):
-        self.jobs = jobs
-        self.common = common
-        self.say = say
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.threads = max(1, cores // jobs)
-        self.stopping = threading.Event()
-        self._procs: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
-        self.total = 0
-
-    def _tag(self, job: Job) -> str:
-        return f"[{job.number}/{self.total}] {job.label}"
-
-    def run_all(self, todo: list[Job]) -> None:
-        self.total = len(todo)
-        pool = ThreadPoolExecutor(max_workers=self.jobs)
-        futures = {pool.submit(self._run_guarded, job) for job in todo}
-        try:
-            while futures:
-                _, futures = wait(futures, timeout=0.5, return_when=FIRST_COMPLETED)
-        except KeyboardInterrupt:
-            self.stopping.set()
-            self.say("interrupted: asking the running trainers to checkpoint and stop "
-                     "(run the same command again to resume)")
-            with self._lock:
-                for proc in self._procs:
-                    proc.send_signal(signal.SIGTERM)
-            pool.shutdown(wait=True, cancel_futures=True)
-            for job in todo:
-                if job.status == "pending":
-                    job.status = "not started"
-            raise
-        pool.shutdown(wait=True)
-
-    def _run_guarded(self, job: Job) -> None:
-        try:
-            self._run_one(job)
-        except Exception as e:  # e.g. a full disk: report it with the run, keep the others going
-            job.status, job.error = "failed", f"{type(e).__name__}: {e}"
-            self.say(f"{self._tag(job)}: FAILED: {job.error}")
-
-    def _run_one(self, job: Job) -> None:
-        if self.stopping.is_set():
-            job.status = "not started"
-            return
-        t0 = time.perf_counter()
-        run_dir = job.run_dir
-        try:
-            build_config(job.entry, run_dir / ".config",
-                         [f"OUT_DIR={run_dir}", f"SEED={job.seed}", *self.common])
-            kconfig(["settings", str(run_dir / "settings.py")], run_dir / ".config")
-        except CompareError as e:
-            job.status, job.error = "failed", str(e)
-            self.say(f"{self._tag(job)}: FAILED to configure: {e}")
-            return
-        if self.stopping.is_set():
-            job.status = "not started"
-            return
-        if run_is_finished(run_dir):
-            job.status = "reused"
-            self.say(f"{self._tag(job)}: skipped (done)")
-            return
-        ckpts = run_dir / "checkpoints"
-        job.resumed = ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt"))
-        self.say(f"{self._tag(job)}: started{' (resuming from checkpoint)' if job.resumed else ''}"
-                 f" -> {run_dir}/train.log")
-        rc, tail = self._train(run_dir)
-        job.seconds = time.perf_counter() - t0
-        if rc == 0 and run_is_finished(run_dir):
-            job.status = "done"
-            self.say(f"{self._tag(job)}: finished in {job.seconds:.1f} s")
-        elif self.stopping.is_set():
-            job.status = "interrupted"
-            self.say(f"{self._tag(job)}: stopped after {job.seconds:.1f} s (checkpoint kept)")
-        else:
-            job.status = "failed"
-            job.error = last_error_line(tail) if rc != 0 else "trainer exited without finishing its run"
-            kept = run_dir / "config"
-            if kept.is_file() and kept.read_bytes() != (run_dir / ".config").read_bytes():
-                job.error += " (for a comparison: OUT=<another folder>, or delete this run folder)"
-            self.say(f"{self._tag(job)}: FAILED after {job.seconds:.1f} s: {job.error}")
-
-    def _train(self, run_dir: Path) -> tuple[int, str]:
-        """Trainer stdout and stderr (its tqdm bar) go to train.log; returns (exit code, stderr tail)."""
-        threads = str(self.threads)
-        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-        with open(run_dir / "train.log", "ab", buffering=0) as log:
-            log.write(f"==> {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                      f"{' '.join(TRAIN_COMMAND[1:])} --settings {run_dir / 'settings.py'}\n".encode())
-            proc = subprocess.Popen([*TRAIN_COMMAND, "--settings", str(run_dir / "settings.py")],
-                                    stdout=log, stderr=subprocess.PIPE, env=env, start_new_session=True)
-            with self._lock:
-                self._procs.add(proc)
-            if self.stopping.is_set():  # Ctrl-C came while we were starting it
-                proc.send_signal(signal.SIGTERM)
-            tail = b""
-            while chunk := proc.stderr.read1(65536):
-                log.write(chunk)
-                tail = (tail + chunk)[-8192:]
-            rc = proc.wait()
-            with self._lock:
-                self._procs.discard(proc)
-        return rc, tail.decode("utf-8", "replace")
+def configurations(jobs: list[Job]) -> list[tuple[str, Entry, tuple[str, ...]]]:
+    """The distinct (name, entry, settings) of `jobs`, in order of first appearance."""
+    seen: dict[str, tuple[str, Entry, tuple[str, ...]]] = {}
+    for job in jobs:
+        seen.setdefault(job.name, (job.name, job.entry, job.sets))
+    return list(seen.values())
 
 
 # --------------------------------------------------------------------------- metrics
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a killed run
-    return records
+read_jsonl = read_jsonl_records  # a line cut short by a killed run is skipped
 
 
 def _finite(values) -> list[float]:
@@ -481,18 +279,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_comparison(out: Path, entries: list[Entry], jobs: list[Job], diffs: list[dict], *,
+def write_comparison(out: Path, jobs: list[Job], diffs: list[dict], *,
                      seeds: list[int], common: list[str], about: str = "") -> dict:
-    """comparison.json, comparison.md and the plots, from whatever runs finished."""
+    """comparison.json, comparison.md and the plots, from whatever runs finished.
+
+    One configuration per distinct job name, in order; its seeds are the jobs of that name."""
     from scripts.kconfig.settings import load_settings
     from scripts.compare_plots import write_plots
 
     configs = []
     curves: dict[str, dict[str, list]] = {k: {} for k in ("val_loss", "val_accuracy", "loss", "grad_norm")}
-    for entry in entries:
+    for name, entry, sets in configurations(jobs):
+        mine = [j for j in jobs if j.name == name]
         runs, per_metric, family, unit = [], {k: [] for k in METRICS}, None, None
-        for job in (j for j in jobs if j.entry == entry):
-            run = {"config": entry.name, "seed": job.seed, "run_dir": str(job.run_dir), "status": job.status,
+        for job in mine:
+            run = {"config": name, "seed": job.seed, "run_dir": str(job.run_dir), "status": job.status,
                    "error": job.error, "metrics": None}
             if job.status in ("done", "reused"):
                 cfg = load_settings(job.run_dir / "settings.py", check_fresh=False)
@@ -503,11 +304,11 @@ def write_comparison(out: Path, entries: list[Entry], jobs: list[Job], diffs: li
                 for k in METRICS:
                     per_metric[k].append(m[k])
                 for key, series in run_curves(job.run_dir).items():
-                    curves[key].setdefault(entry.name, []).append(series)
+                    curves[key].setdefault(name, []).append(series)
             runs.append(run)
         configs.append({
-            "name": entry.name, "defconfig": str(entry.defconfig), "fragments": [str(f) for f in entry.fragments],
-            "family": family, "throughput_unit": unit, "seeds": [j.seed for j in jobs if j.entry == entry],
+            "name": name, "defconfig": str(entry.defconfig), "fragments": [str(f) for f in entry.fragments],
+            "sets": list(sets), "family": family, "throughput_unit": unit, "seeds": [j.seed for j in mine],
             "runs_ok": sum(r["status"] in ("done", "reused") for r in runs),
             "runs_failed": sum(r["status"] == "failed" for r in runs),
             "metrics": {k: aggregate(v) for k, v in per_metric.items()},
@@ -566,32 +367,38 @@ def main(argv=None) -> int:
             raise CompareError("SEEDS and JOBS must be at least 1")
         if any("=" not in s for s in sets):
             raise CompareError(f"--set takes NAME=VALUE, got {next(s for s in sets if '=' not in s)!r}")
-        entries = [parse_entry(n) for n in names]
         common = overrides(max_iters, sets)
-        # Build every reference config first: a bad name or setting stops us before any training.
-        diffs = diffconfigs(entries, out, common, seed=1)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    seed_list = list(range(1, seeds + 1))
-    todo = [Job(e, s, out / e.name / f"seed{s}", i)
-            for i, (e, s) in enumerate(((e, s) for e in entries for s in seed_list), 1)]
-    runner = Runner(jobs, common, say)
-    say(f"{_count(len(todo), 'run')} ({_count(len(entries), 'config')} x {_count(seeds, 'seed')}), "
-        f"{jobs} at a time with {_count(runner.threads, 'torch thread')} each -> {out}")
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    interrupted = False
-    t0 = time.perf_counter()
-    try:
-        runner.run_all(todo)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    specs = [(n, (), s) for n in names for s in range(1, seeds + 1)]
+    return compare_jobs(specs, out=out, parallel=jobs, common=common,
+                        about=preset.about if preset and not args.configs else "", say=say)
 
-    result = write_comparison(out, entries, todo, diffs, seeds=seed_list, common=common,
-                              about=preset.about if preset and not args.configs else "")
+
+def compare_jobs(specs, *, out: Path, parallel: int = 1, common=(), about: str = "", say=print,
+                 threads: int | None = None, what: str = "config") -> int:
+    """The comparison of `specs`, (name, overrides, seed) jobs (see scripts/runs.py): check
+    every configuration (one line and exit status 2 on the first bad one, before anything
+    trains), train them `parallel` at a time, and write the report. Returns the exit status:
+    0, 1 when a run failed, 130 when interrupted."""
+    common = list(common)
+    try:
+        todo = plan_jobs(specs, out)
+        diffs = diffconfigs(configurations(todo), out, common, seed=1)
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_configs = len(configurations(todo))
+    seed_list = sorted({j.seed for j in todo})
+    threads = threads or max(1, _cores() // parallel)
+    say(f"{_count(len(todo), 'run')} ({_count(n_configs, what)} x {_count(len(seed_list), 'seed')}), "
+        f"{parallel} at a time with {_count(threads, 'torch thread')} each -> {out}")
+    t0 = time.perf_counter()
+    interrupted = run_jobs(todo, parallel=parallel, common=common, say=say, threads=threads,
+                           train_command=TRAIN_COMMAND)
+    result = write_comparison(out, todo, diffs, seeds=seed_list, common=common, about=about)
     failed = [j for j in todo if j.status == "failed"]
     say(f"wrote {out / 'comparison.md'}, comparison.json and {len(result['plots'])} plots "
         f"({time.perf_counter() - t0:.0f} s)")
@@ -608,8 +415,9 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _cores() -> int:
+    from scripts.runs import available_cores
+    return available_cores()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,26 @@ def make_settings(folder: Path, preset: str = "gpt2-tiny", tiny: bool | None = N
     return settings
 
 
+_KCONF = []
+
+
+def settings_in_process(preset: str = "gpt2-tiny", tiny: bool | None = None, **overrides):
+    """The Settings that make_settings would generate (same shrinking to TINY_GPT, same strict
+    checks), built in this process through the strict loader: no subprocess, no files."""
+    from scripts.kconfig.settings import Settings
+    from scripts.kconfig.strict import command_line_layer, load, open_kconfig, read_layer, typed_values
+    if not _KCONF:
+        _KCONF.append(open_kconfig(str(REPO)))
+    kconf = _KCONF[0]
+    if tiny is None:
+        tiny = preset.startswith("gpt2")
+    values = {**(TINY_GPT if tiny else {}), **overrides}
+    layers = [read_layer(kconf, str(REPO / "defconfigs" / preset)),
+              command_line_layer(kconf, [f"{k}={v}" for k, v in values.items()])]
+    load(kconf, layers, check_from=1)
+    return Settings(typed_values(kconf))
+
+
 def train_cmd(settings: Path, nproc: int = 1) -> list[str]:
     if nproc == 1:
         return [PY, "-m", "train", "--settings", str(settings)]

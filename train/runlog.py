@@ -1,7 +1,9 @@
 """The run folder: the .config and settings a run used, metrics.jsonl, TensorBoard events.
 
 Everything a reader needs to know what ran and what it did lives in one
-folder. Only rank 0 writes.
+folder. Only rank 0 writes. Experiment trackers (train/trackers.py), when the
+settings enable them, receive every metrics record too: keep_config starts
+them, with the run's settings as their configuration.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class RunLog:
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
+        self._trackers = []
         if not enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -40,7 +43,8 @@ class RunLog:
         self._jsonl = open(path, "a", encoding="utf-8")
 
     def keep_config(self, config_path: Path, settings_path: Path) -> None:
-        """Copy the .config and the settings this run uses into the run folder."""
+        """Copy the .config and the settings this run uses into the run folder, and start the
+        experiment trackers those settings enable."""
         if not self.enabled:
             return
         for src, name in ((config_path, "config"), (settings_path, "settings.py")):
@@ -48,6 +52,16 @@ class RunLog:
                 tmp = self.folder / (name + ".tmp")
                 shutil.copyfile(src, tmp)
                 os.replace(tmp, self.folder / name)
+        if Path(settings_path).is_file() and not self._trackers:
+            from scripts.kconfig.settings import load_settings
+            from .trackers import build_trackers
+            self.attach_trackers(build_trackers(load_settings(settings_path, check_fresh=False), self.folder))
+
+    def attach_trackers(self, trackers) -> None:
+        """Also send every metrics record to these trackers (objects with log(step, split, metrics)
+        and close()); RunLog.close closes them."""
+        if self.enabled:
+            self._trackers.extend(trackers)
 
     def log(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:
@@ -62,6 +76,8 @@ class RunLog:
             for k, v in clean.items():
                 if isinstance(v, float) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
+        for tracker in self._trackers:
+            tracker.log(step, split, clean)
 
     def event(self, filename: str, record: dict) -> None:
         """Append one JSON record to another log in the run folder (spikes.jsonl, ...)."""
@@ -82,4 +98,6 @@ class RunLog:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
 

@@ -71,6 +71,15 @@ def make_family(cfg, info: DistInfo):
     return ImageFamily(cfg, info)
 
 
+def fsdp_problem(cfg) -> str | None:
+    """Why FSDP=y cannot run with these settings (also `make check`'s message), or None."""
+    if cfg.FSDP and (cfg.OPTIM_ADAMW_SPAM or cfg.OPTIM_STABLE_SPAM or cfg.MONITOR):
+        return ("error: FSDP=y works with OPTIM_ADAMW or OPTIM_SGD and MONITOR=n; AdamWSpam, Stable-SPAM "
+                "and the health monitor do not yet handle sharded (DTensor) parameters: use DDP (FSDP=n), "
+                "or change those settings")
+    return None
+
+
 def wrap_model(cfg, model, info: DistInfo):
     """Compile, and replicate with DDP unless FSDP2 already sharded the model."""
     if cfg.COMPILE:
@@ -91,10 +100,8 @@ def set_up(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     check_ranks_agree(info, cfg.as_dict(), family.data_fingerprint())
     model = family.build_model().to(device)
     fsdp = info.enabled and cfg.FSDP
-    if fsdp and (cfg.OPTIM_ADAMW_SPAM or cfg.OPTIM_STABLE_SPAM or cfg.MONITOR):
-        raise SystemExit("error: FSDP=y works with OPTIM_ADAMW or OPTIM_SGD and MONITOR=n; AdamWSpam, "
-                         "Stable-SPAM and the health monitor do not yet handle sharded (DTensor) parameters: "
-                         "use DDP (FSDP=n), or change those settings")
+    if fsdp and fsdp_problem(cfg):
+        raise SystemExit(fsdp_problem(cfg))
     if fsdp:  # before the optimizer: sharding replaces the parameters
         from .fsdp import shard_model
         shard_model(model)

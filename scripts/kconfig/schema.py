@@ -142,6 +142,14 @@ def parse_step_list(name, text):
     return [int(step) for step in steps]
 
 
+# String symbols whose text must match a pattern: (regular expression, what is valid).
+STRING_PATTERNS = {
+    # train/Kconfig.trackers: a trackio / W&B project name
+    "TRACKER_PROJECT": (re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"),
+                        "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+}
+
+
 def string_value(name, text):
     """The typed value of a string symbol: a float for the float symbols, the
     text itself for the others. ValueError(problem, valid) when it is invalid."""
@@ -151,6 +159,10 @@ def string_value(name, text):
         parse_step_list(name, text)
     if name in MODULE_PATHS:
         parse_module_path(name, text)
+    if name in STRING_PATTERNS:
+        pattern, valid = STRING_PATTERNS[name]
+        if not pattern.fullmatch(text):
+            raise ValueError("{!r} is not a valid name".format(text), valid)
     return text
 
 
