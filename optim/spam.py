@@ -76,6 +76,10 @@ from optim.spam_plan import (OTHER, PARAM_CLASSES, Scratch, bucket_scratch, clas
 # about 0.28x the dense state rather than 0.5x.
 _MASK_BLOCK = 256
 
+# Buckets of up to this many chunks are clipped chunk by chunk, larger ones
+# through a gathered copy (measured on CPU at GPT-2 1M shapes).
+_MAX_CHUNKS_WITHOUT_GATHER = 8
+
 def warmup_scale(steps_since_reset, warmup_steps):
     """The post-reset cosine warmup factor: 0.01 at t = 0, rising to 1 at t = N."""
     t, n = steps_since_reset, warmup_steps
@@ -333,24 +337,40 @@ class AdamWSpam(torch.optim.Optimizer):
         the same as replacing g by sign(g) * sqrt(theta * v_prev) wherever
         g^2 > theta * v_prev. Works in flat scratch buffers, appends the number
         of clipped elements, and returns the clipped chunks (views)."""
-        bound, lower, clipped, gathered, mask = bucket_scratch(self._scratch, bucket)
+        (bound, lower, clipped, gathered), (bounds, lowers, clippeds) = bucket_scratch(self._scratch, bucket)
+        # A bucket of a few chunks is worked chunk by chunk where the chunks
+        # are read (no copy into a flat buffer first); one of many small chunks
+        # is gathered, which costs less than many small calls.
+        by_chunk = 1 < len(grads) <= _MAX_CHUNKS_WITHOUT_GATHER
+        v = bucket.exp_avg_sqs
         if len(grads) == 1:
-            g = grads[0]
-            torch.mul(bucket.exp_avg_sqs[0], self.theta, out=bound)
+            torch.mul(v[0], self.theta, out=bound)
+        elif by_chunk:
+            for v_i, bound_i in zip(v, bounds):
+                torch.mul(v_i, self.theta, out=bound_i)
         else:
-            g = torch.cat(grads, out=gathered)
-            torch.cat(bucket.exp_avg_sqs, out=bound)
-            bound.mul_(self.theta)
+            torch.mul(torch.cat(v, out=bound), self.theta, out=bound)
+        # the pad is added after the square root: on CPU torch's sqrt of 0 or
+        # inf takes a slow path (about 10x), so sqrt(theta * v + pad) would be
+        # slow on every non-spike step
         bound.sqrt_()
         if bound_pad is not None:
             bound.add_(bound_pad)
         torch.neg(bound, out=lower)
-        torch.clamp(g, lower, bound, out=clipped)
-        torch.ne(g, clipped, out=mask)  # an element was clipped iff it changed
-        clipped_counts.append(mask.sum())
-        if bucket.clipped_views is not None:
-            return bucket.clipped_views
-        return list(clipped.split([p.numel() for p in bucket.params]))
+        # an element was clipped iff it changed. The mask is written as 0/1
+        # floats into the spent `lower` buffer: on CPU a float compare and sum
+        # cost half of a bool compare and count (the count is exact: a float32
+        # sum of ones is exact up to 2**24, float64 is used above that)
+        if by_chunk:
+            for g_i, lower_i, bound_i, clipped_i in zip(grads, lowers, bounds, clippeds):
+                torch.clamp(g_i, lower_i, bound_i, out=clipped_i)
+                torch.ne(g_i, clipped_i, out=lower_i)
+        else:
+            g = grads[0] if len(grads) == 1 else torch.cat(grads, out=gathered)
+            torch.clamp(g, lower, bound, out=clipped)
+            torch.ne(g, clipped, out=lower)
+        clipped_counts.append(lower.sum() if bucket.numel <= 1 << 24 else lower.sum(dtype=torch.float64))
+        return clippeds
 
     # ------------------------------------------------------------- telemetry
 
@@ -483,7 +503,8 @@ def _figures(last):
     """The telemetry figures (0-dim tensors) of one step's raw record."""
     device = last["device"]
     zero = torch.zeros((), dtype=torch.long, device=device)
-    per_class = [torch.stack(counts).sum() if counts else zero for counts in last["clipped"]]
+    per_class = [torch.stack([c.double() for c in counts]).sum().long() if counts else zero
+                 for counts in last["clipped"]]
     total = torch.stack(per_class).sum()
     figures = dict(clipped_count=total, clipped_fraction=total / max(sum(last["eligible"]), 1))
     for cls, name in enumerate(PARAM_CLASSES):

@@ -64,15 +64,14 @@ class Bucket:
     given as (owner index in the group's list of parameters with grads, start, end)."""
 
     __slots__ = ("cls", "device", "dtype", "params", "exp_avgs", "exp_avg_sqs", "states", "slices",
-                 "numel", "low_precision", "scratch", "clipped_views")
+                 "numel", "low_precision", "scratch")
 
     def __init__(self, cls, device, dtype):
         self.cls, self.device, self.dtype = cls, device, dtype
         self.params, self.exp_avgs, self.exp_avg_sqs, self.states, self.slices = [], [], [], [], []
         self.numel = 0
         self.low_precision = False
-        self.scratch = None        # its slices of the kept clip buffers (CPU), see reserve_scratch
-        self.clipped_views = None  # the clipped-gradient slice split into one view per chunk
+        self.scratch = None  # its slices of the kept clip buffers (CPU), see reserve_scratch
 
 
 def make_buckets(items):
@@ -125,7 +124,7 @@ class Scratch:
         self._kept = {}
 
     def get(self, device, dtype, numel):
-        """(bound, lower, clipped, gathered grad, mask) buffers of at least numel elements."""
+        """(bound, lower, clipped, gathered grad) buffers of at least numel elements."""
         if device.type != "cpu":
             return self._allocate(device, dtype, numel)
         key = (device, dtype)
@@ -136,8 +135,7 @@ class Scratch:
 
     @staticmethod
     def _allocate(device, dtype, numel):
-        floats = [torch.empty(numel, dtype=dtype, device=device) for _ in range(4)]
-        return (*floats, torch.empty(numel, dtype=torch.bool, device=device))
+        return tuple(torch.empty(numel, dtype=dtype, device=device) for _ in range(4))
 
     def persistent(self, device):
         return device.type == "cpu"
@@ -151,13 +149,18 @@ def reserve_scratch(scratch, buckets):
         largest[(b.device, b.dtype)] = max(largest.get((b.device, b.dtype), 0), b.numel)
     for b in buckets:
         if scratch.persistent(b.device):
-            buffers = scratch.get(b.device, b.dtype, largest[(b.device, b.dtype)])
-            b.scratch = tuple(buf[:b.numel] for buf in buffers)
-            b.clipped_views = list(b.scratch[2].split([p.numel() for p in b.params]))
+            b.scratch = _slices(scratch.get(b.device, b.dtype, largest[(b.device, b.dtype)]), b)
 
 
 def bucket_scratch(scratch, bucket):
-    """(bound, lower, clipped, gathered grad, mask) flat buffers of the bucket's size."""
+    """((bound, lower, clipped, gathered grad) flat buffers of the bucket's
+    size, (bound, lower, clipped) split into one view per chunk)."""
     if bucket.scratch is not None:
         return bucket.scratch
-    return tuple(buf[:bucket.numel] for buf in scratch.get(bucket.device, bucket.dtype, bucket.numel))
+    return _slices(scratch.get(bucket.device, bucket.dtype, bucket.numel), bucket)
+
+
+def _slices(buffers, bucket):
+    flat = tuple(buf[:bucket.numel] for buf in buffers)
+    sizes = [p.numel() for p in bucket.params]
+    return flat, tuple(list(buf.split(sizes)) for buf in flat[:3])
