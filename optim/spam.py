@@ -140,10 +140,11 @@ class AdamWSpam(torch.optim.Optimizer):
         self.seed = int(seed)
         # the spike gate needs the gradient-norm history; pure element-wise
         # clipping (threshold 0) and clipping off do not
+        self.gate_statistic = gate_statistic
+        self.gate_min_history = min(10, self.zscore_window) if gate_min_history is None else int(gate_min_history)
         self._gate = None
         if self.enable_clip and self.theta > 0 and self.spike_threshold > 0:
-            min_history = min(10, self.zscore_window) if gate_min_history is None else int(gate_min_history)
-            self._gate = SpikeGate(self.spike_threshold, self.zscore_window, gate_statistic, min_history)
+            self._gate = SpikeGate(self.spike_threshold, self.zscore_window, gate_statistic, self.gate_min_history)
         # telemetry class of each named parameter (unnamed ones are "other")
         self._classes = class_of_params(param_names) if param_names is not None else {}
 
@@ -506,10 +507,10 @@ def _figures(last):
     per_class = [torch.stack([c.double() for c in counts]).sum().long() if counts else zero
                  for counts in last["clipped"]]
     total = torch.stack(per_class).sum()
-    figures = dict(clipped_count=total, clipped_fraction=total / max(sum(last["eligible"]), 1))
+    figures = dict(clipped_count=total, clipped_fraction=total.double() / max(sum(last["eligible"]), 1))
     for cls, name in enumerate(PARAM_CLASSES):
         if last["eligible"][cls]:
-            figures[f"clipped_fraction/{name}"] = per_class[cls] / last["eligible"][cls]
+            figures[f"clipped_fraction/{name}"] = per_class[cls].double() / last["eligible"][cls]
     nan = torch.full((), math.nan, device=device)
     spike = last["spike"]
     figures.update(

@@ -44,6 +44,7 @@ def settings(**overrides):
         SPAM_PERIODIC_RESET=True, SPAM_INTERVAL=1000, SPAM_WARMUP=True, SPAM_WARMUP_STEPS=100,
         SPAM_DENSITY=0.25, SPAM_CLIP_GRACE_STEPS=20, SPAM_ZSCORE_WINDOW=100,
         SPAM_RESET_BIAS_CORRECTION=False, SEED=1337,
+        SPAM_GATE_WINDOW=False, SPAM_GATE_EXCLUDE=True, SPAM_GATE_MAD=False, SPAM_GATE_MIN_HISTORY=10,
     )
     base.update(overrides)
     return types.SimpleNamespace(**base)
