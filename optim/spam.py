@@ -128,6 +128,7 @@ class AdamWSpam(torch.optim.Optimizer):
 
         self.enable_clip = bool(enable_clip)
         self.theta = float(theta)
+        self._sqrt_theta = math.sqrt(self.theta) if self.theta > 0 else 0.0
         self.spike_threshold = float(spike_threshold)
         self.periodic_reset = bool(periodic_reset)
         self.interval = int(interval) if periodic_reset else None
@@ -154,6 +155,7 @@ class AdamWSpam(torch.optim.Optimizer):
         self._mask_generator.manual_seed(self.seed)
         self._plans, self._plans_key = None, None  # the work lists of the last step, see _group_plans
         self._scratch = Scratch()
+        self._count_tensor = {}   # device -> the step count all parameters share, see step()
         self._last = None         # raw telemetry of the last step; telemetry() turns it into figures
         self._figures = None
 
@@ -274,13 +276,26 @@ class AdamWSpam(torch.optim.Optimizer):
             z, spike = self._gate.observe(norm)
         # added to every clip bound: 0 lets the bound act, +inf switches it off
         # on steps that are not spikes, without asking the host which it is
-        bound_pad = torch.where(spike, 0.0, math.inf) if clip_now and spike is not None else None
+        bound_pad = None
+        if clip_now and spike is not None:
+            pad = torch.where(spike, 0.0, math.inf)
+            bound_pad = (pad, -pad)
 
-        # bias-correction counts: one step tensor per distinct count (usually one)
-        count_tensors = {}
+        counts = set()
         for plan in plans:
             for state in plan.states:
                 state["step"] += 1
+                counts.add(state["step"])
+        # The fused kernel reads the bias-correction count from a tensor. When
+        # every parameter has the same count (the usual case) one kept tensor
+        # per device holds it and the buckets reuse their lists of it.
+        count_tensors = None
+        if len(counts) == 1:
+            count = float(counts.pop())
+            for device in {plan.owners[0].device for plan in plans}:
+                self._shared_count(device).fill_(count)
+        else:
+            count_tensors = {}
         clipped = [[] for _ in PARAM_CLASSES]
         eligible = [0] * len(PARAM_CLASSES)
         for plan in plans:
@@ -292,6 +307,12 @@ class AdamWSpam(torch.optim.Optimizer):
                           scale=scale, device=plans[0].owners[0].device if plans else torch.device("cpu"))
         self._figures = None
         return loss
+
+    def _shared_count(self, device):
+        tensor = self._count_tensor.get(device)
+        if tensor is None:
+            tensor = self._count_tensor[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return tensor
 
     @staticmethod
     def _global_norm(plans):
@@ -314,12 +335,18 @@ class AdamWSpam(torch.optim.Optimizer):
             grads = grad_chunks(bucket, flat_grads)
             if bucket.low_precision or grads[0].dtype != bucket.dtype:
                 grads = [g if g.dtype == bucket.dtype else g.to(bucket.dtype) for g in grads]
-            steps = []
-            for state in bucket.states:
-                key = (state["step"], bucket.device)
-                if key not in count_tensors:  # the fused kernel reads the count from a tensor
-                    count_tensors[key] = torch.full((), float(key[0]), dtype=torch.float32, device=bucket.device)
-                steps.append(count_tensors[key])
+            if count_tensors is None:
+                if bucket.shared_steps is None:
+                    bucket.shared_steps = [self._shared_count(bucket.device)] * len(bucket.params)
+                steps = bucket.shared_steps
+            else:
+                steps = []
+                for state in bucket.states:
+                    key = (state["step"], bucket.device)
+                    if key not in count_tensors:
+                        count_tensors[key] = torch.full((), float(key[0]), dtype=torch.float32,
+                                                        device=bucket.device)
+                    steps.append(count_tensors[key])
             if clip_now:
                 grads = self._clip(bucket, grads, bound_pad, clipped[bucket.cls])
             params = bucket.params
@@ -334,7 +361,8 @@ class AdamWSpam(torch.optim.Optimizer):
         plan.write_back()
 
     def _clip(self, bucket, grads, bound_pad, clipped_counts):
-        """The bucket's gradient clamped to +-sqrt(theta * v_prev) (+ bound_pad):
+        """The bucket's gradient clamped to +-sqrt(theta * v_prev) (+ bound_pad,
+        a pair of 0-dim tensors (pad, -pad)):
         the same as replacing g by sign(g) * sqrt(theta * v_prev) wherever
         g^2 > theta * v_prev. Works in flat scratch buffers, appends the number
         of clipped elements, and returns the clipped chunks (views)."""
@@ -343,21 +371,26 @@ class AdamWSpam(torch.optim.Optimizer):
         # are read (no copy into a flat buffer first); one of many small chunks
         # is gathered, which costs less than many small calls.
         by_chunk = 1 < len(grads) <= _MAX_CHUNKS_WITHOUT_GATHER
+        # bound = sqrt(theta) * sqrt(v) + pad and lower = -bound, two fused
+        # multiply-adds on sqrt(v): one pass fewer than sqrt(theta * v), + pad,
+        # negate. (sqrt(theta) * sqrt(v) may differ from sqrt(theta * v) in the
+        # last bit.) The pad is added after the square root: on CPU torch's
+        # sqrt of inf takes a slow path, about 10x.
         v = bucket.exp_avg_sqs
         if len(grads) == 1:
-            torch.mul(v[0], self.theta, out=bound)
+            torch.sqrt(v[0], out=bound)
         elif by_chunk:
             for v_i, bound_i in zip(v, bounds):
-                torch.mul(v_i, self.theta, out=bound_i)
+                torch.sqrt(v_i, out=bound_i)
         else:
-            torch.mul(torch.cat(v, out=bound), self.theta, out=bound)
-        # the pad is added after the square root: on CPU torch's sqrt of 0 or
-        # inf takes a slow path (about 10x), so sqrt(theta * v + pad) would be
-        # slow on every non-spike step
-        bound.sqrt_()
-        if bound_pad is not None:
-            bound.add_(bound_pad)
-        torch.neg(bound, out=lower)
+            torch.cat(v, out=bound).sqrt_()
+        if bound_pad is None:
+            torch.mul(bound, -self._sqrt_theta, out=lower)
+            bound.mul_(self._sqrt_theta)
+        else:
+            pad, negative_pad = bound_pad
+            torch.add(negative_pad, bound, alpha=-self._sqrt_theta, out=lower)
+            torch.add(pad, bound, alpha=self._sqrt_theta, out=bound)
         # an element was clipped iff it changed. The mask is written as 0/1
         # floats into the spent `lower` buffer: on CPU a float compare and sum
         # cost half of a bool compare and count (the count is exact: a float32

@@ -39,6 +39,8 @@ class SpikeGate:
     """Ring buffer of global gradient norms and the z-score of the next one."""
 
     def __init__(self, threshold, window, statistic="exclude", min_history=10):
+        if not threshold > 0:
+            raise ValueError(f"AdamWSpam: the spike gate needs SPAM_SPIKE_THRESHOLD > 0, got {threshold}")
         if statistic not in GATE_STATISTICS:
             raise ValueError(f"AdamWSpam: gate statistic must be one of {GATE_STATISTICS}, got {statistic!r}")
         if window < 2:
@@ -61,9 +63,9 @@ class SpikeGate:
         if self.history is None:
             self.history = torch.full((self.window,), math.nan, dtype=norm.dtype, device=norm.device)
         history = self.history
-        norm = norm.to(history.dtype)
-        finite = torch.isfinite(norm)
-        stored = torch.where(finite, norm, math.nan)
+        # NaN for a non-finite norm: it is then no value in the window, and
+        # its own z is NaN, which counts as 0 below (never a spike)
+        stored = norm.to(history.dtype).nan_to_num(nan=math.nan, posinf=math.nan, neginf=math.nan)
         n = min(self.count, self.window)
         if n >= self.min_history:  # fewer slots than that cannot hold enough valid norms
             previous = history[:n]
@@ -75,10 +77,9 @@ class SpikeGate:
             else:
                 center, spread = _masked_mean_std(previous, valid, valid_count, n)
             # 0/0 (flat window, same norm) is no spike; x/0 is a huge z
-            z = ((norm - center) / spread).nan_to_num(nan=0.0)
-            armed = valid_count >= self.min_history
-            z = torch.where(armed, z, 0.0)
-            spike = armed & finite & (z > self.threshold)
+            z = ((stored - center) / spread).nan_to_num(nan=0.0)
+            z = torch.where(valid_count >= self.min_history, z, 0.0)  # armed?
+            spike = z > self.threshold  # the threshold is > 0
             if self.statistic == "exclude":
                 stored = torch.where(spike, center + self.threshold * spread, stored)
         else:

@@ -64,14 +64,15 @@ class Bucket:
     given as (owner index in the group's list of parameters with grads, start, end)."""
 
     __slots__ = ("cls", "device", "dtype", "params", "exp_avgs", "exp_avg_sqs", "states", "slices",
-                 "numel", "low_precision", "scratch")
+                 "numel", "low_precision", "scratch", "shared_steps")
 
     def __init__(self, cls, device, dtype):
         self.cls, self.device, self.dtype = cls, device, dtype
         self.params, self.exp_avgs, self.exp_avg_sqs, self.states, self.slices = [], [], [], [], []
         self.numel = 0
         self.low_precision = False
-        self.scratch = None  # its slices of the kept clip buffers (CPU), see reserve_scratch
+        self.scratch = None       # its slices of the kept clip buffers (CPU), see reserve_scratch
+        self.shared_steps = None  # [the optimizer's shared step-count tensor] * chunks
 
 
 def make_buckets(items):
