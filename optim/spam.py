@@ -60,6 +60,15 @@ reference for details):
   the gate and the telemetry stay on the device.
 - Masks come from a seeded generator of their own, never the global RNG, so
   ranks agree and the model's own randomness is untouched.
+
+Telemetry (telemetry(): 0-dim tensors, read_telemetry(): floats) includes
+the clipped fraction per parameter class (embedding, attention, mlp, head,
+other), from the names given as param_names (optim/spam_plan.py).
+
+Speed: the tensors are cut into cache-sized buckets of flat chunks whose
+work lists are built once and reused (optim/spam_plan.py); the clip works in
+kept scratch buffers, computing the bound as sqrt(theta) * sqrt(v), which may
+differ from sqrt(theta * v) in the last bit.
 """
 
 import math
@@ -79,6 +88,7 @@ _MASK_BLOCK = 256
 # Buckets of up to this many chunks are clipped chunk by chunk, larger ones
 # through a gathered copy (measured on CPU at GPT-2 1M shapes).
 _MAX_CHUNKS_WITHOUT_GATHER = 8
+
 
 def warmup_scale(steps_since_reset, warmup_steps):
     """The post-reset cosine warmup factor: 0.01 at t = 0, rising to 1 at t = N."""
