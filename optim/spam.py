@@ -67,8 +67,8 @@ other), from the names given as param_names (optim/spam_plan.py).
 
 Speed: the tensors are cut into cache-sized buckets of flat chunks whose
 work lists are built once and reused (optim/spam_plan.py); the clip works in
-kept scratch buffers, computing the bound as sqrt(theta) * sqrt(v), which may
-differ from sqrt(theta * v) in the last bit.
+kept scratch buffers (see _clip for how its bound may differ from
+sqrt(theta * v): in the last bit, and where theta * v is 0).
 """
 
 import math
@@ -138,7 +138,6 @@ class AdamWSpam(torch.optim.Optimizer):
 
         self.enable_clip = bool(enable_clip)
         self.theta = float(theta)
-        self._sqrt_theta = math.sqrt(self.theta) if self.theta > 0 else 0.0
         self.spike_threshold = float(spike_threshold)
         self.periodic_reset = bool(periodic_reset)
         self.interval = int(interval) if periodic_reset else None
@@ -286,10 +285,7 @@ class AdamWSpam(torch.optim.Optimizer):
             z, spike = self._gate.observe(norm)
         # added to every clip bound: 0 lets the bound act, +inf switches it off
         # on steps that are not spikes, without asking the host which it is
-        bound_pad = None
-        if clip_now and spike is not None:
-            pad = torch.where(spike, 0.0, math.inf)
-            bound_pad = (pad, -pad)
+        floors = self._clip_floors(spike) if clip_now else None
 
         counts = set()
         for plan in plans:
@@ -309,7 +305,7 @@ class AdamWSpam(torch.optim.Optimizer):
         clipped = [[] for _ in PARAM_CLASSES]
         eligible = [0] * len(PARAM_CLASSES)
         for plan in plans:
-            self._step_group(plan, scale, clip_now, bound_pad, clipped, count_tensors)
+            self._step_group(plan, scale, floors, clipped, count_tensors)
             for cls, numel in plan.eligible.items():
                 eligible[cls] += numel
 
@@ -317,6 +313,30 @@ class AdamWSpam(torch.optim.Optimizer):
                           scale=scale, device=plans[0].owners[0].device if plans else torch.device("cpu"))
         self._figures = None
         return loss
+
+    def _clip_floors(self, spike):
+        """(dtype, device) -> the 0-dim floor under theta * v in this step's clip
+        bound: the smallest normal float, or on a gated step that is not a
+        spike a huge one, decided on the device (spike is a 0-dim bool tensor,
+        or None when ungated).
+
+        The huge floor is the dtype's largest float / 256 (float32: 1.3e36),
+        so the bound exceeds 1e18: only a gradient element beyond that would
+        be clipped on a non-spike step, and in float32 its square (Adam's v)
+        would overflow from 2e19 on anyway. (+inf would switch the clip off
+        exactly but makes the square root slow, see _clip.)
+        """
+        cache = {}
+
+        def floor(dtype, device):
+            key = (dtype, device)
+            if key not in cache:
+                info = torch.finfo(dtype)
+                tiny = torch.full((), info.tiny, dtype=dtype, device=device)
+                cache[key] = tiny if spike is None else torch.where(spike.to(device), tiny, info.max / 256)
+            return cache[key]
+
+        return floor
 
     def _shared_count(self, device):
         tensor = self._count_tensor.get(device)
@@ -330,7 +350,7 @@ class AdamWSpam(torch.optim.Optimizer):
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=acc)))
 
-    def _step_group(self, plan, scale, clip_now, bound_pad, clipped, count_tensors):
+    def _step_group(self, plan, scale, floors, clipped, count_tensors):
         group = plan.group
         lr, eps = group["lr"], group["eps"]
         beta1, beta2 = group["betas"]
@@ -357,8 +377,8 @@ class AdamWSpam(torch.optim.Optimizer):
                         count_tensors[key] = torch.full((), float(key[0]), dtype=torch.float32,
                                                         device=bucket.device)
                     steps.append(count_tensors[key])
-            if clip_now:
-                grads = self._clip(bucket, grads, bound_pad, clipped[bucket.cls])
+            if floors is not None:
+                grads = self._clip(bucket, grads, floors, clipped[bucket.cls])
             params = bucket.params
             if bucket.low_precision:  # low-precision weights are updated through fp32 copies
                 params = [p if p.dtype == bucket.dtype else p.to(bucket.dtype) for p in params]
@@ -370,37 +390,40 @@ class AdamWSpam(torch.optim.Optimizer):
                 torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])
         plan.write_back()
 
-    def _clip(self, bucket, grads, bound_pad, clipped_counts):
-        """The bucket's gradient clamped to +-sqrt(theta * v_prev) (+ bound_pad,
-        a pair of 0-dim tensors (pad, -pad)):
-        the same as replacing g by sign(g) * sqrt(theta * v_prev) wherever
-        g^2 > theta * v_prev. Works in flat scratch buffers, appends the number
-        of clipped elements, and returns the clipped chunks (views)."""
+    def _clip(self, bucket, grads, floors, clipped_counts):
+        """The bucket's gradient clamped to +-sqrt(theta * v_prev): the same as
+        replacing g by sign(g) * sqrt(theta * v_prev) wherever g^2 > theta *
+        v_prev (floors: see _clip_floors). Works in flat scratch buffers,
+        appends the number of clipped elements, and returns the clipped
+        chunks (views)."""
         (bound, lower, clipped, gathered), (bounds, lowers, clippeds) = bucket_scratch(self._scratch, bucket)
         # A bucket of a few chunks is worked chunk by chunk where the chunks
         # are read (no copy into a flat buffer first); one of many small chunks
         # is gathered, which costs less than many small calls.
         by_chunk = 1 < len(grads) <= _MAX_CHUNKS_WITHOUT_GATHER
-        # bound = sqrt(theta) * sqrt(v) + pad and lower = -bound, two fused
-        # multiply-adds on sqrt(v): one pass fewer than sqrt(theta * v), + pad,
-        # negate. (sqrt(theta) * sqrt(v) may differ from sqrt(theta * v) in the
-        # last bit.) The pad is added after the square root: on CPU torch's
-        # sqrt of inf takes a slow path, about 10x.
+        # bound = sqrt(floor + theta * v), lower = -bound: one fused multiply-
+        # add, a square root and a negation. The floor (see _clip_floors) is
+        # the smallest normal float on clipping steps: theta * v + floor then
+        # rounds to theta * v, or to its neighbour when theta * v is exactly
+        # half-way between two floats (one bit, about 2% of elements), and the
+        # square root stays off 0:
+        # on CPU torch's sqrt of 0 or inf is about 20x slower than of other
+        # numbers (measured: 1.5 ms against 0.07 ms per 256Ki floats, half of
+        # them 0), and v = 0 is common (embedding rows of tokens not seen
+        # yet); such an element is clipped to +-1e-19 (float32) instead of 0.
+        # On gated steps that are not spikes the floor is huge instead, so
+        # that nothing is clipped.
         v = bucket.exp_avg_sqs
+        floor = floors(bucket.dtype, bucket.device)
         if len(grads) == 1:
-            torch.sqrt(v[0], out=bound)
+            torch.add(floor, v[0], alpha=self.theta, out=bound)
         elif by_chunk:
             for v_i, bound_i in zip(v, bounds):
-                torch.sqrt(v_i, out=bound_i)
+                torch.add(floor, v_i, alpha=self.theta, out=bound_i)
         else:
-            torch.cat(v, out=bound).sqrt_()
-        if bound_pad is None:
-            torch.mul(bound, -self._sqrt_theta, out=lower)
-            bound.mul_(self._sqrt_theta)
-        else:
-            pad, negative_pad = bound_pad
-            torch.add(negative_pad, bound, alpha=-self._sqrt_theta, out=lower)
-            torch.add(pad, bound, alpha=self._sqrt_theta, out=bound)
+            torch.add(floor, torch.cat(v, out=bound), alpha=self.theta, out=bound)
+        bound.sqrt_()
+        torch.neg(bound, out=lower)
         # an element was clipped iff it changed. The mask is written as 0/1
         # floats into the spent `lower` buffer: on CPU a float compare and sum
         # cost half of a bool compare and count (the count is exact: a float32
