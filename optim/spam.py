@@ -278,6 +278,8 @@ class AdamWSpam(torch.optim.Optimizer):
                     and k >= self.clip_grace_steps and since_reset >= self.clip_grace_steps)
 
         plans = self._group_plans()
+        if grad_norm is not None and not torch.is_tensor(grad_norm):
+            grad_norm = torch.tensor(float(grad_norm), dtype=torch.float64)
         norm, z, spike = grad_norm, None, None
         if self._gate is not None and plans:
             if norm is None:

@@ -106,3 +106,17 @@ def test_without_names_everything_is_other():
     tele = opt.telemetry()
     assert [name for name in tele if name.startswith("clipped_fraction/")] == ["clipped_fraction/other"]
     assert float(tele["clipped_fraction/other"]) == 1.0  # v = 0 before the first step: every element clips
+
+
+def test_an_element_with_no_second_moment_is_clipped_to_almost_zero():
+    # v = 0 before the first step: the bound is sqrt(smallest normal float) ~ 1.1e-19
+    # instead of exactly 0 (it keeps torch's slow square root of 0 out of the step)
+    p = nn.Parameter(torch.zeros(5))
+    opt = AdamWSpam([p], betas=(0.9, 0.999), spike_threshold=0.0, clip_grace_steps=0)
+    p.grad = torch.tensor([3.0, -2.0, 0.0, 1e-3, -1e-30])
+    opt.step()
+    clipped = opt.state[p]["exp_avg"] / (1 - 0.9)  # m = (1 - beta1) * clipped g
+    bound = torch.finfo(torch.float32).tiny ** 0.5
+    assert torch.allclose(clipped, torch.tensor([bound, -bound, 0.0, bound, -1e-30]), rtol=1e-5, atol=0)
+    assert opt.read_telemetry()["clipped_count"] == 3  # 0 and -1e-30 are within the bound
+
