@@ -101,10 +101,18 @@ def build_optimizer(cfg, model):
     # SPAM: knobs whose Kconfig dependencies are unmet arrive as None
     periodic_reset = bool(cfg.SPAM_PERIODIC_RESET)
     warmup = bool(cfg.SPAM_WARMUP) if periodic_reset else False
+    enable_clip = bool(cfg.SPAM_ENABLE_CLIP)
+    gate_statistic = gate_min_history = None
+    if enable_clip:  # the gate's symbols depend on clipping
+        gate_statistic = "window" if cfg.SPAM_GATE_WINDOW else "mad" if cfg.SPAM_GATE_MAD else "exclude"
+        if not (cfg.SPAM_GATE_WINDOW or cfg.SPAM_GATE_MAD or cfg.SPAM_GATE_EXCLUDE):
+            raise ValueError("no spike-gate statistics selected: set one of SPAM_GATE_WINDOW, "
+                             "SPAM_GATE_EXCLUDE, SPAM_GATE_MAD")
+        gate_min_history = int(cfg.SPAM_GATE_MIN_HISTORY)
     return AdamWSpam(
         param_groups(model, weight_decay, with_sparse=True), lr=lr, betas=betas, eps=eps,
         weight_decay=weight_decay,
-        enable_clip=bool(cfg.SPAM_ENABLE_CLIP),
+        enable_clip=enable_clip,
         theta=float(cfg.SPAM_THETA),
         spike_threshold=float(cfg.SPAM_SPIKE_THRESHOLD),
         periodic_reset=periodic_reset,
@@ -114,6 +122,10 @@ def build_optimizer(cfg, model):
         density=float(cfg.SPAM_DENSITY),
         clip_grace_steps=int(cfg.SPAM_CLIP_GRACE_STEPS),
         zscore_window=int(cfg.SPAM_ZSCORE_WINDOW),
+        gate_statistic=gate_statistic or "exclude",
+        gate_min_history=gate_min_history,
         reset_bias_correction=bool(cfg.SPAM_RESET_BIAS_CORRECTION) if periodic_reset else False,
         seed=int(cfg.SEED),
+        # names for the per-class clipping telemetry (tied weights appear once)
+        param_names=dict(model.named_parameters()),
     )

@@ -24,11 +24,14 @@ that an fp16 GradScaler skips never reaches step(), so nothing advances):
    a spike.
    Spike-step gate (spike_threshold > 0): the element-wise rule above is only
    applied on steps whose global gradient norm is an outlier, i.e. whose
-   z-score (norm - mean) / std against the global gradient norms of the
-   previous zscore_window steps (sample std; this step's own norm is not
-   part of its statistics) exceeds spike_threshold. With fewer than two
-   previous norms z = 0. spike_threshold = 0 clips on every step, as in the
-   paper.
+   z-score against the global gradient norms of the previous zscore_window
+   steps (this step's own norm is not part of its statistics) exceeds
+   spike_threshold; optim/spam_gate.py has the three statistics
+   (gate_statistic "window" as published, "exclude", "mad"), the minimum
+   history before the gate arms and the handling of non-finite norms. The
+   norm is the caller's grad_norm when step() gets one (the trainer computes
+   it once per step), else computed here. spike_threshold = 0 clips on every
+   step, as in the paper.
 4. Adam moments from the (clipped) gradient, then torch.optim.AdamW's update:
    p *= 1 - lr * weight_decay, then p -= lr * scale * m_hat / (sqrt(v_hat) + eps).
    With every SPAM feature off this is AdamW; the update itself is done by
@@ -57,11 +60,24 @@ reference for details):
   the gate and the telemetry stay on the device.
 - Masks come from a seeded generator of their own, never the global RNG, so
   ranks agree and the model's own randomness is untouched.
+
+Telemetry (telemetry(): 0-dim tensors, read_telemetry(): floats) includes
+the clipped fraction per parameter class (embedding, attention, mlp, head,
+other), from the names given as param_names (optim/spam_plan.py).
+
+Speed: the tensors are cut into cache-sized buckets of flat chunks whose
+work lists are built once and reused (optim/spam_plan.py); the clip works in
+kept scratch buffers (see _clip for how its bound may differ from
+sqrt(theta * v): in the last bit, and where theta * v is 0).
 """
 
 import math
 
 import torch
+
+from optim.spam_gate import GATE_STATISTICS, SpikeGate
+from optim.spam_plan import (OTHER, PARAM_CLASSES, Scratch, bucket_scratch, class_of_params, grad_chunks,
+                             make_buckets, reserve_scratch)
 
 # A sparse mask stores each kept element as a uint8 offset inside its block of
 # 256 elements plus one int32 count per block: about 1 byte per kept element
@@ -69,12 +85,9 @@ import torch
 # about 0.28x the dense state rather than 0.5x.
 _MASK_BLOCK = 256
 
-# Elements per bucket of flat chunks that go through the clip and update ops
-# together. On CPU a bucket of 1 MiB per operand keeps the ten or so passes
-# of a step in the cache (measured: 256Ki elements beat 64Ki-4Mi on GPT-2
-# 124M shapes); on accelerators launch cost dominates, so buckets are large.
-_BUCKET_NUMEL = {"cpu": 1 << 18}
-_BUCKET_NUMEL_DEFAULT = 1 << 25
+# Buckets of up to this many chunks are clipped chunk by chunk, larger ones
+# through a gathered copy (measured on CPU at GPT-2 1M shapes).
+_MAX_CHUNKS_WITHOUT_GATHER = 8
 
 
 def warmup_scale(steps_since_reset, warmup_steps):
@@ -85,12 +98,18 @@ def warmup_scale(steps_since_reset, warmup_steps):
     return 1.0 - 0.99 * (1.0 + math.cos(math.pi * t / (n + 1))) / 2.0
 
 
+
 class AdamWSpam(torch.optim.Optimizer):
+
+    # step() takes the trainer's global gradient norm (grad_norm=), computed
+    # once per step, instead of computing its own for the spike gate
+    accepts_grad_norm = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, *,
                  enable_clip=True, theta=50.0, spike_threshold=2.0, periodic_reset=True,
                  interval=1000, warmup=True, warmup_steps=100, density=1.0, clip_grace_steps=20,
-                 zscore_window=100, reset_bias_correction=False, seed=0):
+                 zscore_window=100, gate_statistic="exclude", gate_min_history=None,
+                 reset_bias_correction=False, seed=0, param_names=None):
         if not lr >= 0.0:
             raise ValueError(f"AdamWSpam: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -112,8 +131,8 @@ class AdamWSpam(torch.optim.Optimizer):
         if clip_grace_steps < 0:
             raise ValueError(f"AdamWSpam: clip_grace_steps (SPAM_CLIP_GRACE_STEPS) must be >= 0, "
                              f"got {clip_grace_steps}")
-        if enable_clip and spike_threshold > 0 and zscore_window < 2:
-            raise ValueError(f"AdamWSpam: zscore_window (SPAM_ZSCORE_WINDOW) must be >= 2, got {zscore_window}")
+        if gate_statistic not in GATE_STATISTICS:
+            raise ValueError(f"AdamWSpam: gate_statistic must be one of {GATE_STATISTICS}, got {gate_statistic!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, sparse=False)
         super().__init__(params, defaults)
 
@@ -131,15 +150,23 @@ class AdamWSpam(torch.optim.Optimizer):
         self.seed = int(seed)
         # the spike gate needs the gradient-norm history; pure element-wise
         # clipping (threshold 0) and clipping off do not
-        self._gated = self.enable_clip and self.theta > 0 and self.spike_threshold > 0
+        self.gate_statistic = gate_statistic
+        self.gate_min_history = min(10, self.zscore_window) if gate_min_history is None else int(gate_min_history)
+        self._gate = None
+        if self.enable_clip and self.theta > 0 and self.spike_threshold > 0:
+            self._gate = SpikeGate(self.spike_threshold, self.zscore_window, gate_statistic, self.gate_min_history)
+        # telemetry class of each named parameter (unnamed ones are "other")
+        self._classes = class_of_params(param_names) if param_names is not None else {}
 
         self._step = 0            # k of the last step taken
         self._last_reset = 0      # k of the last reset, 0 before the first one
-        self._norm_history = None  # ring buffer of global grad norms, on the grads' device
-        self._norm_count = 0      # norms ever appended to it
         self._mask_generator = torch.Generator(device="cpu")
         self._mask_generator.manual_seed(self.seed)
-        self._telemetry = {}
+        self._plans, self._plans_key = None, None  # the work lists of the last step, see _group_plans
+        self._scratch = Scratch()
+        self._count_tensor = {}   # device -> the step count all parameters share, see step()
+        self._last = None         # raw telemetry of the last step; telemetry() turns it into figures
+        self._figures = None
 
     # ----------------------------------------------------------------- masks
 
@@ -194,6 +221,7 @@ class AdamWSpam(torch.optim.Optimizer):
         self._reset_moments()
 
     def _reset_moments(self):
+        # in place: the cached work lists keep viewing the same moment tensors
         moments = []
         for group in self.param_groups:
             sparse = self._is_sparse(group)
@@ -209,30 +237,31 @@ class AdamWSpam(torch.optim.Optimizer):
         if moments:
             torch._foreach_zero_(moments)
 
-    # ------------------------------------------------------------ spike gate
+    # ------------------------------------------------------------ work lists
 
-    def _grad_norm_zscore(self, grads):
-        """Global grad norm of this step and its z-score against the previous window."""
-        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=acc)))
-        if self._norm_history is None:
-            self._norm_history = torch.zeros(self.zscore_window, dtype=acc, device=norm.device)
-        history = self._norm_history
-        n = min(self._norm_count, self.zscore_window)
-        if n >= 2:
-            previous = history[:n]
-            # 0/0 (flat history, same norm) is no spike; x/0 is a huge z
-            z = ((norm.to(history.dtype) - previous.mean()) / previous.std()).nan_to_num(nan=0.0)
+    def _group_plans(self):
+        """The work lists of every param group with gradients, for this step.
+
+        Dense groups' lists are reused while the same parameters, at the same
+        storage, have gradients; sparse groups (kept elements gathered into new
+        tensors) and non-contiguous parameters (flat copies) are rebuilt.
+        """
+        key = tuple(tuple((id(p), p.data_ptr()) for p in group["params"] if p.grad is not None)
+                    for group in self.param_groups)
+        if key != self._plans_key:
+            self._plans = [_GroupPlan(self, group) for group in self.param_groups]
+            self._plans_key = key
         else:
-            z = torch.zeros((), dtype=history.dtype, device=history.device)
-        history[self._norm_count % self.zscore_window] = norm
-        self._norm_count += 1
-        return norm, z
+            self._plans = [_GroupPlan(self, plan.group) if plan.volatile else plan for plan in self._plans]
+        return [plan for plan in self._plans if plan.owners]
 
     # ------------------------------------------------------------------ step
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_norm=None):
+        """One SPAM step. grad_norm: the global L2 norm of the (unscaled)
+        gradients as a 0-dim tensor, when the caller has it; the spike gate
+        then uses it instead of computing it again."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -248,137 +277,199 @@ class AdamWSpam(torch.optim.Optimizer):
         clip_now = (self.enable_clip and self.theta > 0
                     and k >= self.clip_grace_steps and since_reset >= self.clip_grace_steps)
 
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if any(g.is_sparse for g in grads):
-            raise RuntimeError("AdamWSpam does not support sparse gradients")
-        device = grads[0].device if grads else torch.device("cpu")
-
-        nan = torch.full((), math.nan, device=device)
-        norm = z = nan
-        spike = None
-        if self._gated and grads:
-            norm, z = self._grad_norm_zscore(grads)
-            spike = z > self.spike_threshold
+        plans = self._group_plans()
+        if grad_norm is not None and not torch.is_tensor(grad_norm):
+            grad_norm = torch.tensor(float(grad_norm), dtype=torch.float64)
+        norm, z, spike = grad_norm, None, None
+        if self._gate is not None and plans:
+            if norm is None:
+                norm = self._global_norm(plans)
+            z, spike = self._gate.observe(norm)
         # added to every clip bound: 0 lets the bound act, +inf switches it off
         # on steps that are not spikes, without asking the host which it is
-        bound_pad = None if spike is None else torch.where(spike, 0.0, math.inf)
+        floors = self._clip_floors(spike) if clip_now else None
 
-        clipped_counts, eligible = [], 0
-        step_tensors = {}
-        for group in self.param_groups:
-            eligible += self._step_group(group, scale, clip_now, bound_pad, clipped_counts, step_tensors)
-
-        if clip_now and clipped_counts:
-            clipped = torch.stack(clipped_counts).long().sum()
+        counts = set()
+        for plan in plans:
+            for state in plan.states:
+                state["step"] += 1
+                counts.add(state["step"])
+        # The fused kernel reads the bias-correction count from a tensor. When
+        # every parameter has the same count (the usual case) one kept tensor
+        # per device holds it and the buckets reuse their lists of it.
+        count_tensors = None
+        if len(counts) == 1:
+            count = float(counts.pop())
+            for device in {plan.owners[0].device for plan in plans}:
+                self._shared_count(device).fill_(count)
         else:
-            clipped = torch.zeros((), dtype=torch.long, device=device)
-        self._telemetry = dict(
-            clipped_count=clipped,
-            clipped_fraction=clipped / max(eligible, 1),
-            spike_step=spike.float() if spike is not None else torch.zeros((), device=device),
-            zscore=z,
-            grad_norm=norm,
-            reset=torch.tensor(float(reset), dtype=torch.float64),
-            warmup_scale=torch.tensor(scale, dtype=torch.float64),
-        )
+            count_tensors = {}
+        clipped = [[] for _ in PARAM_CLASSES]
+        eligible = [0] * len(PARAM_CLASSES)
+        for plan in plans:
+            self._step_group(plan, scale, floors, clipped, count_tensors)
+            for cls, numel in plan.eligible.items():
+                eligible[cls] += numel
+
+        self._last = dict(clipped=clipped, eligible=eligible, spike=spike, z=z, norm=norm, reset=reset,
+                          scale=scale, device=plans[0].owners[0].device if plans else torch.device("cpu"))
+        self._figures = None
         return loss
 
-    def _step_group(self, group, scale, clip_now, bound_pad, clipped_counts, step_tensors):
-        """Updates one param group; returns how many elements were eligible for clipping."""
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        beta1, beta2 = group["betas"]
-        sparse = self._is_sparse(group)
-        work, write_back = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p] if self.state.get(p) else self._init_state(p, sparse)
-            state["step"] += 1
-            count = state["step"]
-            key = (count, p.device)
-            if key not in step_tensors:  # the fused kernel reads the bias-correction count from a tensor
-                step_tensors[key] = torch.full((), float(count), dtype=torch.float32, device=p.device)
-            if sparse and wd != 0:
-                p.mul_(1.0 - lr * wd)  # the whole tensor decays, kept elements or not
-            # flat views share memory with p; a non-contiguous p (channels_last)
-            # is updated through a flat copy that is written back at the end
-            copy_back = not p.is_contiguous()
-            p_flat = p.reshape(-1) if copy_back else p.view(-1)
-            g_flat = p.grad.reshape(-1)
-            if sparse:
-                index = self._mask_index(state)
-                p_work, g_work = p_flat.index_select(0, index), g_flat.index_select(0, index)
-                write_back.append((p, p_flat, index, p_work, copy_back))
-            else:
-                p_work, g_work = p_flat, g_flat
-                if copy_back:
-                    write_back.append((p, p_flat, None, None, True))
-            work.append((p_work, g_work, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1),
-                         step_tensors[key]))
-        if not work:
-            return 0
+    def _clip_floors(self, spike):
+        """(dtype, device) -> the 0-dim floor under theta * v in this step's clip
+        bound: the smallest normal float, or on a gated step that is not a
+        spike a huge one, decided on the device (spike is a 0-dim bool tensor,
+        or None when ungated).
 
+        The huge floor is the dtype's largest float / 256 (float32: 1.3e36),
+        so the bound exceeds 1e18: only a gradient element beyond that would
+        be clipped on a non-spike step, and in float32 its square (Adam's v)
+        would overflow from 2e19 on anyway. (+inf would switch the clip off
+        exactly but makes the square root slow, see _clip.)
+        """
+        cache = {}
+
+        def floor(dtype, device):
+            key = (dtype, device)
+            if key not in cache:
+                info = torch.finfo(dtype)
+                tiny = torch.full((), info.tiny, dtype=dtype, device=device)
+                cache[key] = tiny if spike is None else torch.where(spike.to(device), tiny, info.max / 256)
+            return cache[key]
+
+        return floor
+
+    def _shared_count(self, device):
+        tensor = self._count_tensor.get(device)
+        if tensor is None:
+            tensor = self._count_tensor[device] = torch.zeros((), dtype=torch.float32, device=device)
+        return tensor
+
+    @staticmethod
+    def _global_norm(plans):
+        grads = [p.grad for plan in plans for p in plan.owners]
+        acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=acc)))
+
+    def _step_group(self, plan, scale, floors, clipped, count_tensors):
+        group = plan.group
+        lr, eps = group["lr"], group["eps"]
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
         # The fused kernel applies p *= 1 - lr*wd before its update; during the
         # warmup the update alone is scaled, so hand it lr*scale and wd/scale.
+        # Sparse groups decayed the whole tensors when their plan was built.
         adam_lr = lr * scale
-        adam_wd = 0.0 if sparse else (wd if scale == 1.0 else wd / scale)
-        for bucket in _buckets(work):
-            self._update_bucket(*bucket, lr=adam_lr, weight_decay=adam_wd, eps=eps, beta1=beta1,
-                                beta2=beta2, clip_now=clip_now, bound_pad=bound_pad,
-                                clipped_counts=clipped_counts)
+        adam_wd = 0.0 if plan.sparse else (wd if scale == 1.0 else wd / scale)
+        flat_grads = plan.flat_grads()
+        for bucket in plan.buckets:
+            grads = grad_chunks(bucket, flat_grads)
+            if bucket.low_precision or grads[0].dtype != bucket.dtype:
+                grads = [g if g.dtype == bucket.dtype else g.to(bucket.dtype) for g in grads]
+            if count_tensors is None:
+                if bucket.shared_steps is None:
+                    bucket.shared_steps = [self._shared_count(bucket.device)] * len(bucket.params)
+                steps = bucket.shared_steps
+            else:
+                steps = []
+                for state in bucket.states:
+                    key = (state["step"], bucket.device)
+                    if key not in count_tensors:
+                        count_tensors[key] = torch.full((), float(key[0]), dtype=torch.float32,
+                                                        device=bucket.device)
+                    steps.append(count_tensors[key])
+            if floors is not None:
+                grads = self._clip(bucket, grads, floors, clipped[bucket.cls])
+            params = bucket.params
+            if bucket.low_precision:  # low-precision weights are updated through fp32 copies
+                params = [p if p.dtype == bucket.dtype else p.to(bucket.dtype) for p in params]
+            torch._fused_adamw_(params, grads, bucket.exp_avgs, bucket.exp_avg_sqs, [], steps, lr=adam_lr,
+                                beta1=beta1, beta2=beta2, weight_decay=adam_wd, eps=eps,
+                                amsgrad=False, maximize=False)
+            if bucket.low_precision:
+                pairs = [(p, w) for p, w in zip(bucket.params, params) if p is not w]
+                torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])
+        plan.write_back()
 
-        for p, p_flat, index, p_work, copy_back in write_back:
-            if index is not None:
-                p_flat.index_copy_(0, index, p_work)
-            if copy_back:
-                p.copy_(p_flat.view(p.shape))
-        return sum(item[0].numel() for item in work)
-
-    def _update_bucket(self, params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, weight_decay, eps,
-                       beta1, beta2, clip_now, bound_pad, clipped_counts):
-        # low-precision weights are updated through fp32 copies of the chunk
-        work_params = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, exp_avgs)]
-        grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
-        if clip_now:
-            # |g| is clamped to sqrt(theta * v_prev): the same as replacing
-            # g by sign(g) * sqrt(theta * v_prev) wherever g^2 > theta * v_prev
-            bound = torch._foreach_mul(exp_avg_sqs, self.theta)
-            torch._foreach_sqrt_(bound)
-            if bound_pad is not None:
-                torch._foreach_add_(bound, bound_pad)
-            lower = torch._foreach_neg(bound)
-            clipped = [torch.clamp(g, lo, hi) for g, lo, hi in zip(grads, lower, bound)]
-            # an element was clipped iff it changed
-            clipped_counts.extend(torch._foreach_norm(torch._foreach_sub(grads, clipped), 0))
-            grads = clipped
-        torch._fused_adamw_(work_params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr,
-                            beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
-                            amsgrad=False, maximize=False)
-        low_precision = [(p, w) for p, w in zip(params, work_params) if p is not w]
-        if low_precision:
-            torch._foreach_copy_([p for p, _ in low_precision], [w for _, w in low_precision])
+    def _clip(self, bucket, grads, floors, clipped_counts):
+        """The bucket's gradient clamped to +-sqrt(theta * v_prev): the same as
+        replacing g by sign(g) * sqrt(theta * v_prev) wherever g^2 > theta *
+        v_prev (floors: see _clip_floors). Works in flat scratch buffers,
+        appends the number of clipped elements, and returns the clipped
+        chunks (views)."""
+        (bound, lower, clipped, gathered), (bounds, lowers, clippeds) = bucket_scratch(self._scratch, bucket)
+        # A bucket of a few chunks is worked chunk by chunk where the chunks
+        # are read (no copy into a flat buffer first); one of many small chunks
+        # is gathered, which costs less than many small calls.
+        by_chunk = 1 < len(grads) <= _MAX_CHUNKS_WITHOUT_GATHER
+        # bound = sqrt(floor + theta * v), lower = -bound: one fused multiply-
+        # add, a square root and a negation. The floor (see _clip_floors) is
+        # the smallest normal float on clipping steps: theta * v + floor then
+        # rounds to theta * v, or to its neighbour when theta * v is exactly
+        # half-way between two floats (one bit, about 2% of elements), and the
+        # square root stays off 0:
+        # on CPU torch's sqrt of 0 or inf is about 20x slower than of other
+        # numbers (measured: 1.5 ms against 0.07 ms per 256Ki floats, half of
+        # them 0), and v = 0 is common (embedding rows of tokens not seen
+        # yet); such an element is clipped to +-1e-19 (float32) instead of 0.
+        # On gated steps that are not spikes the floor is huge instead, so
+        # that nothing is clipped.
+        v = bucket.exp_avg_sqs
+        floor = floors(bucket.dtype, bucket.device)
+        if len(grads) == 1:
+            torch.add(floor, v[0], alpha=self.theta, out=bound)
+        elif by_chunk:
+            for v_i, bound_i in zip(v, bounds):
+                torch.add(floor, v_i, alpha=self.theta, out=bound_i)
+        else:
+            torch.add(floor, torch.cat(v, out=bound), alpha=self.theta, out=bound)
+        bound.sqrt_()
+        torch.neg(bound, out=lower)
+        # an element was clipped iff it changed. The mask is written as 0/1
+        # floats into the spent `lower` buffer: on CPU a float compare and sum
+        # cost half of a bool compare and count (the count is exact: a float32
+        # sum of ones is exact up to 2**24, float64 is used above that)
+        if by_chunk:
+            for g_i, lower_i, bound_i, clipped_i in zip(grads, lowers, bounds, clippeds):
+                torch.clamp(g_i, lower_i, bound_i, out=clipped_i)
+                torch.ne(g_i, clipped_i, out=lower_i)
+        else:
+            g = grads[0] if len(grads) == 1 else torch.cat(grads, out=gathered)
+            torch.clamp(g, lower, bound, out=clipped)
+            torch.ne(g, clipped, out=lower)
+        clipped_counts.append(lower.sum() if bucket.numel <= 1 << 24 else lower.sum(dtype=torch.float64))
+        return clippeds
 
     # ------------------------------------------------------------- telemetry
 
     def telemetry(self):
-        """Last step's telemetry as 0-dim tensors (no host sync)."""
-        return dict(self._telemetry)
+        """Last step's telemetry as 0-dim tensors (no host sync): clipped_count,
+        clipped_fraction and clipped_fraction/<class> for each parameter class
+        the optimizer holds (embedding, attention, mlp, head, other: see
+        optim/spam_plan.py; GPT-2's tied head is in "embedding"), spike_step,
+        zscore, grad_norm, reset, warmup_scale."""
+        if self._last is None:
+            return {}
+        if self._figures is None:
+            self._figures = _figures(self._last)
+        return dict(self._figures)
 
     def read_telemetry(self):
         """Last step's telemetry as python floats (synchronises with the device)."""
-        return {name: float(value.item()) for name, value in self._telemetry.items()}
+        return {name: float(value.item()) for name, value in self.telemetry().items()}
 
     # ------------------------------------------------------------ checkpoint
 
     def state_dict(self):
         sd = super().state_dict()
-        history = self._norm_history
+        gate = self._gate.state_dict() if self._gate is not None else dict(norm_history=torch.empty(0),
+                                                                           norm_count=0)
         sd["spam"] = dict(
             step=self._step,
             last_reset=self._last_reset,
             steps_since_reset=self._step - self._last_reset,
-            norm_history=history.clone() if history is not None else torch.empty(0),
-            norm_count=self._norm_count,
+            **gate,
             mask_generator_state=self._mask_generator.get_state(),
         )
         return sd
@@ -410,40 +501,91 @@ class AdamWSpam(torch.optim.Optimizer):
 
         self._step = int(spam["step"])
         self._last_reset = int(spam["last_reset"])
-        self._norm_count = int(spam["norm_count"])
-        history = spam["norm_history"]
-        if history.numel() == 0:
-            self._norm_history = None
-        else:
-            if history.numel() != self.zscore_window:
-                raise ValueError(f"optimizer checkpoint has a z-score window of {history.numel()} steps, "
-                                 f"this optimizer {self.zscore_window} (SPAM_ZSCORE_WINDOW)")
-            self._norm_history = history.to(params[0].device if params else "cpu", copy=True)
+        if self._gate is not None:
+            self._gate.load_state_dict(spam, params[0].device if params else "cpu")
         self._mask_generator.set_state(spam["mask_generator_state"])
+        self._plans, self._plans_key = None, None  # the moments are new tensors
+        self._last, self._figures = None, None
 
 
-def _buckets(work):
-    """Splits (param, grad, exp_avg, exp_avg_sq, step) items into buckets of flat chunks.
+class _GroupPlan:
+    """One param group's work for a step: its parameters with gradients
+    (owners), their states, the buckets, the elements eligible for clipping
+    per class, and what must be written back into the parameters after."""
 
-    Yields (params, grads, exp_avgs, exp_avg_sqs, steps) lists, one bucket per
-    device and state dtype at a time, each about _BUCKET_NUMEL elements.
-    """
-    pending = {}
-    for p, g, m, v, step in work:
-        key = (p.device, m.dtype)
-        limit = _BUCKET_NUMEL.get(p.device.type, _BUCKET_NUMEL_DEFAULT)
-        bucket, filled = pending.get(key, (([], [], [], [], []), 0))
-        numel = p.numel()
-        for start in range(0, numel, limit):
-            end = min(start + limit, numel)
-            for dst, src in zip(bucket, (p, g, m, v)):
-                dst.append(src if end - start == numel else src[start:end])
-            bucket[4].append(step)
-            filled += end - start
-            if filled >= limit:
-                yield bucket
-                bucket, filled = ([], [], [], [], []), 0
-        pending[key] = (bucket, filled)
-    for bucket, filled in pending.values():
-        if filled:
-            yield bucket
+    def __init__(self, opt, group):
+        self.group = group
+        self.sparse = sparse = opt._is_sparse(group)
+        self.owners, self.states, self.indices, self._write_back = [], [], [], []
+        self.eligible = {}
+        self.volatile = sparse
+        items = []
+        wd, lr = group["weight_decay"], group["lr"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamWSpam does not support sparse gradients")
+            state = opt.state[p] if opt.state.get(p) else opt._init_state(p, sparse)
+            if sparse and wd != 0:
+                p.mul_(1.0 - lr * wd)  # the whole tensor decays, kept elements or not
+            # flat views share memory with p; a non-contiguous p (channels_last)
+            # is updated through a flat copy that is written back at the end
+            copy_back = not p.is_contiguous()
+            self.volatile |= copy_back
+            p_flat = p.reshape(-1) if copy_back else p.view(-1)
+            index = opt._mask_index(state) if sparse else None
+            if index is not None:
+                p_work = p_flat.index_select(0, index)
+                self._write_back.append((p, p_flat, index, p_work, copy_back))
+            else:
+                p_work = p_flat
+                if copy_back:
+                    self._write_back.append((p, p_flat, None, None, True))
+            cls = opt._classes.get(p, OTHER)
+            self.eligible[cls] = self.eligible.get(cls, 0) + p_work.numel()
+            items.append((cls, p_work, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), state,
+                          len(self.owners)))
+            self.owners.append(p)
+            self.states.append(state)
+            self.indices.append(index)
+        self.buckets = make_buckets(items)
+        reserve_scratch(opt._scratch, self.buckets)
+
+    def flat_grads(self):
+        """This step's gradient of each owner, flat (and gathered for sparse moments)."""
+        flat = []
+        for p, index in zip(self.owners, self.indices):
+            g = p.grad.reshape(-1)
+            flat.append(g if index is None else g.index_select(0, index))
+        return flat
+
+    def write_back(self):
+        for p, p_flat, index, p_work, copy_back in self._write_back:
+            if index is not None:
+                p_flat.index_copy_(0, index, p_work)
+            if copy_back:
+                p.copy_(p_flat.view(p.shape))
+
+
+def _figures(last):
+    """The telemetry figures (0-dim tensors) of one step's raw record."""
+    device = last["device"]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    per_class = [torch.stack([c.double() for c in counts]).sum().long() if counts else zero
+                 for counts in last["clipped"]]
+    total = torch.stack(per_class).sum()
+    figures = dict(clipped_count=total, clipped_fraction=total.double() / max(sum(last["eligible"]), 1))
+    for cls, name in enumerate(PARAM_CLASSES):
+        if last["eligible"][cls]:
+            figures[f"clipped_fraction/{name}"] = per_class[cls].double() / last["eligible"][cls]
+    nan = torch.full((), math.nan, device=device)
+    spike = last["spike"]
+    figures.update(
+        spike_step=spike.float() if spike is not None else torch.zeros((), device=device),
+        zscore=last["z"] if last["z"] is not None else nan,
+        grad_norm=last["norm"] if last["norm"] is not None else nan,
+        reset=torch.tensor(float(last["reset"]), dtype=torch.float64),
+        warmup_scale=torch.tensor(last["scale"], dtype=torch.float64),
+    )
+    return figures

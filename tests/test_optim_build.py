@@ -45,6 +45,7 @@ def settings(**overrides):
         SPAM_DENSITY=0.25, SPAM_CLIP_GRACE_STEPS=20, SPAM_ZSCORE_WINDOW=100,
         SPAM_RESET_BIAS_CORRECTION=False, SEED=1337,
         STABLE_SPAM_GAMMA1=None, STABLE_SPAM_GAMMA2=None, STABLE_SPAM_GAMMA3=None, STABLE_SPAM_INTERVAL=None,
+        SPAM_GATE_WINDOW=False, SPAM_GATE_EXCLUDE=True, SPAM_GATE_MAD=False, SPAM_GATE_MIN_HISTORY=10,
     )
     base.update(overrides)
     return types.SimpleNamespace(**base)

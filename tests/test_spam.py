@@ -101,7 +101,7 @@ def gradient_stream(shapes, steps, seed=0, spikes=SPIKES):
 SHAPES = [(3, 4), (5,)]
 WEIGHT_DECAYS = [0.1, 0.0]
 SPAM_KW = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, theta=50.0, interval=200, warmup_steps=30,
-               clip_grace_steps=20, zscore_window=50)
+               clip_grace_steps=20, zscore_window=50, gate_statistic="window", gate_min_history=2)
 
 
 def make_params(dtype, seed=1):
@@ -288,7 +288,8 @@ def test_warmup_scale_values():
 def test_zscore_gate():
     def run(spike_threshold):
         p, opt = one_param_opt(n=100, theta=100.0, spike_threshold=spike_threshold, periodic_reset=False,
-                               clip_grace_steps=25, zscore_window=20)
+                               clip_grace_steps=25, zscore_window=20, gate_statistic="window",
+                               gate_min_history=2)
         norms, zs = [], []
         for k in range(1, 41):  # gradient norms alternate 8 and 12 (mean 10)
             tele = step_with(opt, p, torch.ones(100) * (0.8 if k % 2 else 1.2))
@@ -551,7 +552,8 @@ def test_telemetry_is_tensors_then_floats():
     p, opt = one_param_opt()
     step_with(opt, p, torch.ones(8))
     tele = opt.telemetry()
-    names = {"clipped_count", "clipped_fraction", "spike_step", "zscore", "grad_norm", "reset", "warmup_scale"}
+    names = {"clipped_count", "clipped_fraction", "spike_step", "zscore", "grad_norm", "reset", "warmup_scale",
+             "clipped_fraction/other"}  # no param_names: every parameter is "other"
     assert set(tele) == names and all(torch.is_tensor(v) and v.dim() == 0 for v in tele.values())
     floats = opt.read_telemetry()
     assert set(floats) == names and all(isinstance(v, float) for v in floats.values())

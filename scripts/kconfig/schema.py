@@ -191,6 +191,9 @@ CROSS_RULES = (
     CrossRule(("SPAM_CLIP_GRACE_STEPS", "SPAM_INTERVAL"), lambda grace, interval: grace < interval,
               "SPAM_CLIP_GRACE_STEPS={SPAM_CLIP_GRACE_STEPS} is not below SPAM_INTERVAL={SPAM_INTERVAL}",
               "SPAM_CLIP_GRACE_STEPS < SPAM_INTERVAL"),
+    CrossRule(("SPAM_GATE_MIN_HISTORY", "SPAM_ZSCORE_WINDOW"), lambda history, window: history <= window,
+              "SPAM_GATE_MIN_HISTORY={SPAM_GATE_MIN_HISTORY} is above SPAM_ZSCORE_WINDOW={SPAM_ZSCORE_WINDOW}",
+              "SPAM_GATE_MIN_HISTORY <= SPAM_ZSCORE_WINDOW"),
 )
 
 
