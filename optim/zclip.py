@@ -117,7 +117,9 @@ class ZClip:
         c_spike = self.clip_factor * (mu + self.z_threshold ** 2 * sigma / z)
         c = torch.where(spike, c_spike, n)
         inf = torch.full_like(n, float("inf"))
-        bound = torch.where(adaptive, c, inf)
+        # a step that is no spike is not scaled at all (c = n would scale it by n / (n + eps),
+        # a no-op in value that would still count as clipped)
+        bound = torch.where(spike, c, inf)
         if self.max_norm > 0:
             bound = torch.minimum(bound, torch.full_like(n, self.max_norm))
         factor = torch.where(finite, (bound / (n + _EPS)).clamp(max=1.0), torch.ones_like(n))

@@ -2,7 +2,6 @@
 
     python -m scripts.compare gpt2-tiny gpt2-tiny-adamw+clip1 [--seeds 3] [--max-iters N]
                               [--jobs 2] [--out runs/compare] [--set NAME=VALUE ...]
-    python -m scripts.compare --preset spikes
 
 A configuration is a defconfig, optionally followed by fragments merged in
 order (later assignments win): `gpt2-tiny+spam-paper+spikes` is
@@ -29,7 +28,6 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_OUT = Path("runs/compare")
@@ -40,38 +38,6 @@ TRAIN_COMMAND = [sys.executable, "-m", "train"]
 # Metrics of one run (and, aggregated over seeds, of one configuration), in table order.
 METRICS = ("final_val_loss", "best_val_loss", "final_val_accuracy", "best_val_accuracy", "spikes",
            "clipped_fraction", "resets", "skipped_steps", "throughput", "peak_rss_mb", "wall_s")
-
-
-@dataclass(frozen=True)
-class Preset:
-    configs: tuple[str, ...]
-    seeds: int
-    max_iters: int
-    out: Path
-    sets: tuple[str, ...] = ()
-    jobs: int = 1
-    about: str = ""
-
-
-# `make compare-spikes`. MAX_ITERS is sized so that 8 configs x 3 seeds fit in about
-# 45 minutes on 2 CPU cores with JOBS=2 (measurement in docs/compare.md); the fixed
-# spike steps of defconfigs/fragments/spikes.config are placed for this length.
-PRESETS = {
-    "spikes": Preset(
-        configs=tuple(c + s for s in ("", "+spikes")
-                      for c in ("gpt2-tiny-adamw", "gpt2-tiny-adamw+clip1", "gpt2-tiny", "gpt2-tiny+spam-paper")),
-        seeds=3, max_iters=200, out=Path("runs/compare-spikes"), jobs=2,
-        sets=(
-            # the health monitor's spike detector as a pure observer: log spikes, never roll back
-            # (a cluster of K spikes in a window of 100 steps can not exceed K = 100)
-            "MONITOR_SPIKE_GUARD=y", "MONITOR_SPIKE_CLUSTER_K=100",
-            # a run this short needs denser curves than gpt2-tiny's every-100-steps evaluation
-            "EVAL_INTERVAL=20", "EVAL_BATCHES=5", "LOG_INTERVAL=5",
-        ),
-        about="gpt2-tiny on Shakespeare: AdamW, AdamW + global-norm clip 1.0, AdamWSpam (seed "
-              "defaults), AdamWSpam (paper values), each without and with injected 1000x gradient "
-              "spikes (+spikes)."),
-}
 
 
 # The runner (scripts/runs.py) is shared with `make sweep` and `make check-presets`;
@@ -330,13 +296,11 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
     p.add_argument("configs", nargs="*", help="configurations: <defconfig>[+<fragment>...]")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a ready-made comparison (its configurations, "
-                   "seeds, MAX_ITERS and folder; the other options still override)")
-    p.add_argument("--seeds", type=int, help="seeds per configuration: 1..N (default 1; preset: its own)")
+    p.add_argument("--seeds", type=int, help="seeds per configuration: 1..N (default 1)")
     p.add_argument("--max-iters", type=int, help="MAX_ITERS for every configuration (and MAX_EPOCHS=0)")
     p.add_argument("--jobs", type=int, help="runs in parallel, each with cores/JOBS torch threads "
-                   "(default 1; preset: its own)")
-    p.add_argument("--out", type=Path, help=f"comparison folder (default {DEFAULT_OUT}; preset: its own)")
+                   "(default 1)")
+    p.add_argument("--out", type=Path, help=f"comparison folder (default {DEFAULT_OUT})")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE",
                    help="setting applied to every configuration (validated by setconfig); repeatable")
     return p.parse_args(argv)
@@ -344,15 +308,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    preset = PRESETS[args.preset] if args.preset else None
     names = [n for arg in args.configs for n in re.split(r"[\s,]+", arg) if n]
-    if preset and not names:
-        names = list(preset.configs)
-    seeds = args.seeds if args.seeds is not None else (preset.seeds if preset else 1)
-    max_iters = args.max_iters if args.max_iters is not None else (preset.max_iters if preset else None)
-    out = args.out or (preset.out if preset else DEFAULT_OUT)
-    jobs = args.jobs if args.jobs is not None else (preset.jobs if preset else 1)
-    sets = [*(preset.sets if preset else ()), *args.sets]
+    seeds = args.seeds if args.seeds is not None else 1
+    out = args.out or DEFAULT_OUT
+    jobs = args.jobs if args.jobs is not None else 1
+    sets = list(args.sets)
 
     def say(msg: str) -> None:
         print(f"compare: {msg}", flush=True)
@@ -360,21 +320,20 @@ def main(argv=None) -> int:
     try:
         if not names:
             raise CompareError("no configurations given (e.g. make compare DEFCONFIGS=\"gpt2-tiny "
-                               "gpt2-tiny-adamw\", or --preset spikes)")
+                               "gpt2-tiny-adamw\")")
         if len(set(names)) != len(names):
             raise CompareError(f"a configuration is listed twice: {' '.join(names)}")
         if seeds < 1 or jobs < 1:
             raise CompareError("SEEDS and JOBS must be at least 1")
         if any("=" not in s for s in sets):
             raise CompareError(f"--set takes NAME=VALUE, got {next(s for s in sets if '=' not in s)!r}")
-        common = overrides(max_iters, sets)
+        common = overrides(args.max_iters, sets)
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     specs = [(n, (), s) for n in names for s in range(1, seeds + 1)]
-    return compare_jobs(specs, out=out, parallel=jobs, common=common,
-                        about=preset.about if preset and not args.configs else "", say=say)
+    return compare_jobs(specs, out=out, parallel=jobs, common=common, say=say)
 
 
 def compare_jobs(specs, *, out: Path, parallel: int = 1, common=(), about: str = "", say=print,

@@ -174,9 +174,22 @@ class Runner:
         self._procs: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
         self.total = 0
+        self._started = time.perf_counter()
+        self._ended = 0  # jobs finished, failed or reused
 
     def _tag(self, job: Job) -> str:
         return f"[{job.number}/{self.total}] {job.label}"
+
+    def _eta(self) -> str:
+        """Progress and the time left, from the mean time per job so far (reused jobs count as free)."""
+        with self._lock:
+            self._ended += 1
+            ended = self._ended
+        left = self.total - ended
+        elapsed = time.perf_counter() - self._started
+        if not left:
+            return f"{ended}/{self.total} ended"
+        return f"{ended}/{self.total} ended, about {elapsed / ended * left / 60:.0f} min left"
 
     def run_all(self, todo: list[Job]) -> None:
         self.total = len(todo)
@@ -225,7 +238,7 @@ class Runner:
             return
         if run_is_finished(run_dir):
             job.status = "reused"
-            self.say(f"{self._tag(job)}: skipped (done)")
+            self.say(f"{self._tag(job)}: skipped (done); {self._eta()}")
             return
         ckpts = run_dir / "checkpoints"
         job.resumed = ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt"))
@@ -235,7 +248,7 @@ class Runner:
         job.seconds = time.perf_counter() - t0
         if rc == 0 and run_is_finished(run_dir):
             job.status = "done"
-            self.say(f"{self._tag(job)}: finished in {job.seconds:.1f} s")
+            self.say(f"{self._tag(job)}: finished in {job.seconds:.1f} s; {self._eta()}")
         elif self.stopping.is_set():
             job.status = "interrupted"
             self.say(f"{self._tag(job)}: stopped after {job.seconds:.1f} s (checkpoint kept)")
@@ -245,7 +258,7 @@ class Runner:
             kept = run_dir / "config"
             if kept.is_file() and kept.read_bytes() != (run_dir / ".config").read_bytes():
                 job.error += " (for a comparison: OUT=<another folder>, or delete this run folder)"
-            self.say(f"{self._tag(job)}: FAILED after {job.seconds:.1f} s: {job.error}")
+            self.say(f"{self._tag(job)}: FAILED after {job.seconds:.1f} s: {job.error}; {self._eta()}")
 
     def _train(self, run_dir: Path) -> tuple[int, str]:
         """Trainer stdout and stderr (its tqdm bar) go to train.log; returns (exit code, stderr tail)."""

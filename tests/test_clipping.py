@@ -31,7 +31,9 @@ def zclip_reference(norms, *, alpha=0.97, z_thr=2.5, warmup=25, factor=1.0, cap=
             z = (n - mu) / (sigma + 1e-6)
             spike = z > z_thr
             c = factor * (mu + z_thr * z_thr * sigma / z) if spike else n
-            bound = min(c, cap) if cap > 0 else c
+            # "otherwise c = n (no clipping)": only the cap can touch a step that is no spike
+            limit = c if spike else INF
+            bound = min(limit, cap) if cap > 0 else limit
             if not (freeze and spike):
                 mu = alpha * mu + (1 - alpha) * c
                 s2 = alpha * s2 + (1 - alpha) * (c - mu) ** 2
