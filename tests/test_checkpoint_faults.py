@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 
 from train import checkpoint
 from train.checkpoint import CheckpointWriteError, list_checkpoints, load_latest_checkpoint, save_checkpoint
+from trainutil import sigkill_at_marker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,16 +92,7 @@ checkpoint.save_checkpoint(state(2), folder, 2, keep=1)
 @pytest.mark.parametrize("where,latest", [("before-rename", 1), ("after-rename", 2)])
 def test_kill_during_the_rename_stage_leaves_a_loadable_latest_checkpoint(tmp_path, where, latest):
     folder, marker = tmp_path / "checkpoints", tmp_path / "marker"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    child = subprocess.Popen([sys.executable, "-c", SAVE, str(folder), str(marker), where], cwd=REPO, env=env,
-                             stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), child.stderr.read()
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
-    child.stderr.close()
+    sigkill_at_marker(SAVE, [str(folder), str(marker), where], marker)
     messages = []
     state, path = load_latest_checkpoint(folder, log=messages.append)
     assert state["step"] == latest and torch.equal(state["model"]["w"], torch.full((64, 64), float(latest)))

@@ -6,10 +6,6 @@ from __future__ import annotations
 import json
 import re
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +15,7 @@ from data import integrity
 from data.integrity import CorpusError, verify_corpus, verify_for_run
 from data.text import build_token_dataset, open_token_dataset, write_shard
 from data.tokenizer import gpt2_encoding
+from trainutil import sigkill_at_marker
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [(f"doc{i}", f"Line {i} of a small fixture corpus. " * (5 + 3 * i)) for i in range(6)]
@@ -177,16 +174,7 @@ text.build_token_dataset(docs, Path(sys.argv[1]), gpt2_encoding(), 0.2, 0)
 
 def test_preparation_killed_half_way_is_never_taken_as_complete(tmp_path):
     folder, marker = tmp_path / "corpus", tmp_path / "marker"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    child = subprocess.Popen([sys.executable, "-c", PREPARE, str(folder), str(marker)], cwd=REPO, env=env,
-                             stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), child.stderr.read()
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
-    child.stderr.close()
+    sigkill_at_marker(PREPARE, [str(folder), str(marker)], marker)
     partial = list(tmp_path.glob(".corpus.partial-*"))
     assert partial and (partial[0] / "train.bin").exists()  # the half-written work is there ...
     assert not folder.exists()  # ... but never under the corpus's name

@@ -92,3 +92,19 @@ def run_train(settings: Path, nproc: int = 1, check=True, timeout=300) -> subpro
 def metrics(run: Path, split: str = "train") -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [rec for rec in map(json.loads, lines) if rec["split"] == split]
+
+
+def sigkill_at_marker(code: str, args: list[str], marker: Path, timeout: float = 60) -> None:
+    """Run `python -c code *args`, wait until it creates `marker` (it has reached the
+    instant under test), then SIGKILL it there: a crash, not an exit."""
+    import signal
+    import time
+    e = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    child = subprocess.Popen([PY, "-c", code, *map(str, args)], cwd=REPO, env=e, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), child.stderr.read()
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    child.stderr.close()
