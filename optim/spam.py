@@ -76,14 +76,13 @@ import math
 import torch
 
 from optim.spam_gate import GATE_STATISTICS, SpikeGate
-from optim.spam_plan import (OTHER, PARAM_CLASSES, Scratch, bucket_scratch, class_of_params, grad_chunks,
-                             make_buckets, reserve_scratch)
+from optim.spam_plan import PARAM_CLASSES, GroupPlan, Scratch, bucket_scratch, class_of_params, grad_chunks
+from optim.spam_shard import (decode_mask, encode_mask, full_state, group_of, is_sharded, layout_of, local,
+                              local_state, mask_part, reduce_sum_)
 
-# A sparse mask stores each kept element as a uint8 offset inside its block of
-# 256 elements plus one int32 count per block: about 1 byte per kept element
-# instead of the 8 of an int64 index, so that the state at density 0.25 is
-# about 0.28x the dense state rather than 0.5x.
-_MASK_BLOCK = 256
+# Masks (optim/spam_shard.py) store about 1 byte per kept element instead of
+# the 8 of an int64 index, so that the state at density 0.25 is about 0.28x
+# the dense state rather than 0.5x.
 
 # Buckets of up to this many chunks are clipped chunk by chunk, larger ones
 # through a gathered copy (measured on CPU at GPT-2 1M shapes).
@@ -167,6 +166,12 @@ class AdamWSpam(torch.optim.Optimizer):
         self._count_tensor = {}   # device -> the step count all parameters share, see step()
         self._last = None         # raw telemetry of the last step; telemetry() turns it into figures
         self._figures = None
+        # FSDP2: the process group over which sharded parameters are split (None when
+        # nothing is sharded); layout_of refuses layouts this optimizer cannot handle
+        sharded = [p for group in self.param_groups for p in group["params"] if is_sharded(p)]
+        for p in sharded:
+            layout_of(p)
+        self._shard_group = group_of(sharded[0]) if sharded else None
 
     # ----------------------------------------------------------------- masks
 
@@ -177,25 +182,24 @@ class AdamWSpam(torch.optim.Optimizer):
         return max(1, round(self.density * numel))
 
     def _draw_mask(self, p):
-        numel = p.numel()
+        # the whole tensor's mask on every rank (same generator, same order of
+        # calls), of which a sharded parameter keeps its block's part
+        layout = layout_of(p)
+        numel = layout.global_numel
         chosen = torch.randperm(numel, generator=self._mask_generator)[: self._kept(numel)]
         chosen = chosen.sort().values  # sorted: gathers and scatters walk memory forwards
-        n_blocks = -(-numel // _MASK_BLOCK)
-        counts = torch.bincount(chosen // _MASK_BLOCK, minlength=n_blocks).to(torch.int32)
-        offsets = (chosen % _MASK_BLOCK).to(torch.uint8)
-        return offsets.to(p.device), counts.to(p.device)
+        return encode_mask(mask_part(chosen, layout), layout.local_numel, p.device)
 
     def moment_index(self, p):
-        """Flat indices of the elements of p that its moments cover (a LongTensor
-        as long as exp_avg), or None when p's moments are dense."""
+        """Flat indices of the elements of p (of its local block when p is a DTensor)
+        that its moments cover (a LongTensor as long as exp_avg), or None when p's
+        moments are dense."""
         state = self.state.get(p)
         return self._mask_index(state) if state and "mask_offsets" in state else None
 
     @staticmethod
     def _mask_index(state):
-        offsets = state["mask_offsets"]
-        block = torch.repeat_interleave(state["mask_counts"], output_size=offsets.numel())
-        return block.long() * _MASK_BLOCK + offsets.long()
+        return decode_mask(state["mask_offsets"], state["mask_counts"])
 
     # ----------------------------------------------------------------- state
 
@@ -208,7 +212,7 @@ class AdamWSpam(torch.optim.Optimizer):
             state["mask_offsets"], state["mask_counts"] = self._draw_mask(p)
             shape = (state["mask_offsets"].numel(),)
         else:
-            shape = p.shape
+            shape = local(p).shape
         state["exp_avg"] = torch.zeros(shape, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dtype, device=p.device)
         return state
@@ -229,9 +233,14 @@ class AdamWSpam(torch.optim.Optimizer):
                 state = self.state.get(p)
                 if not state:
                     continue
-                moments += [state["exp_avg"], state["exp_avg_sq"]]
                 if sparse:
                     state["mask_offsets"], state["mask_counts"] = self._draw_mask(p)
+                kept = state["mask_offsets"].numel() if sparse else state["exp_avg"].numel()
+                if state["exp_avg"].numel() == kept:
+                    moments += [state["exp_avg"], state["exp_avg_sq"]]
+                else:  # a shard's part of a redrawn mask has another size (sparse plans are rebuilt anyway)
+                    state["exp_avg"] = state["exp_avg"].new_zeros(kept)
+                    state["exp_avg_sq"] = state["exp_avg_sq"].new_zeros(kept)
                 if self.reset_bias_correction:
                     state["step"] = 0
         if moments:
@@ -246,13 +255,13 @@ class AdamWSpam(torch.optim.Optimizer):
         storage, have gradients; sparse groups (kept elements gathered into new
         tensors) and non-contiguous parameters (flat copies) are rebuilt.
         """
-        key = tuple(tuple((id(p), p.data_ptr()) for p in group["params"] if p.grad is not None)
+        key = tuple(tuple((id(p), local(p).data_ptr()) for p in group["params"] if p.grad is not None)
                     for group in self.param_groups)
         if key != self._plans_key:
-            self._plans = [_GroupPlan(self, group) for group in self.param_groups]
+            self._plans = [GroupPlan(self, group) for group in self.param_groups]
             self._plans_key = key
         else:
-            self._plans = [_GroupPlan(self, plan.group) if plan.volatile else plan for plan in self._plans]
+            self._plans = [GroupPlan(self, plan.group) if plan.volatile else plan for plan in self._plans]
         return [plan for plan in self._plans if plan.owners]
 
     # ------------------------------------------------------------------ step
@@ -280,6 +289,8 @@ class AdamWSpam(torch.optim.Optimizer):
         plans = self._group_plans()
         if grad_norm is not None and not torch.is_tensor(grad_norm):
             grad_norm = torch.tensor(float(grad_norm), dtype=torch.float64)
+        elif is_sharded(grad_norm):  # partial sums of the ranks: every rank needs the whole norm
+            grad_norm = grad_norm.full_tensor()
         norm, z, spike = grad_norm, None, None
         if self._gate is not None and plans:
             if norm is None:
@@ -346,11 +357,22 @@ class AdamWSpam(torch.optim.Optimizer):
             tensor = self._count_tensor[device] = torch.zeros((), dtype=torch.float32, device=device)
         return tensor
 
-    @staticmethod
-    def _global_norm(plans):
+    def _global_norm(self, plans):
         grads = [p.grad for plan in plans for p in plan.owners]
         acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=acc)))
+        if self._shard_group is None:
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=acc)))
+        # sharded gradients: each rank's sum of squares over its blocks, summed over
+        # the ranks; unsharded (replicated) ones are counted once, after the sum
+        sharded = [local(g) for g in grads if is_sharded(g)]
+        whole = [g for g in grads if not is_sharded(g)]
+        squares = torch.zeros((), dtype=acc, device=plans[0].owners[0].device)
+        if sharded:
+            squares += torch.stack(torch._foreach_norm(sharded, 2, dtype=acc)).square().sum()
+        reduce_sum_(squares, self._shard_group)
+        if whole:
+            squares += torch.stack(torch._foreach_norm(whole, 2, dtype=acc)).square().sum()
+        return squares.sqrt()
 
     def _step_group(self, plan, scale, floors, clipped, count_tensors):
         group = plan.group
@@ -448,11 +470,12 @@ class AdamWSpam(torch.optim.Optimizer):
         clipped_fraction and clipped_fraction/<class> for each parameter class
         the optimizer holds (embedding, attention, mlp, head, other: see
         optim/spam_plan.py; GPT-2's tied head is in "embedding"), spike_step,
-        zscore, grad_norm, reset, warmup_scale."""
+        zscore, grad_norm, reset, warmup_scale. With sharded parameters the
+        counts are summed over the ranks: a collective, every rank must call it."""
         if self._last is None:
             return {}
         if self._figures is None:
-            self._figures = _figures(self._last)
+            self._figures = _figures(self._last, self._shard_group)
         return dict(self._figures)
 
     def read_telemetry(self):
@@ -481,6 +504,7 @@ class AdamWSpam(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         spam = state_dict.pop("spam")
         saved_state = state_dict["state"]
+        self._check_moment_sizes(saved_state, whole=False)
         super().load_state_dict(state_dict)
         # torch casts every floating state tensor to its parameter's dtype,
         # which would round fp32 moments of bf16 weights and turn mask
@@ -491,14 +515,6 @@ class AdamWSpam(torch.optim.Optimizer):
                 continue
             self.state[p] = {name: (value.to(p.device, copy=True) if torch.is_tensor(value) else value)
                              for name, value in saved_state[index].items()}
-        for group in self.param_groups:
-            sparse = self._is_sparse(group)
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and state["exp_avg"].numel() != (self._kept(p.numel()) if sparse else p.numel()):
-                    raise ValueError("optimizer checkpoint was saved with a different SPAM_DENSITY "
-                                     "or sparse grouping than this optimizer")
-
         self._step = int(spam["step"])
         self._last_reset = int(spam["last_reset"])
         if self._gate is not None:
@@ -507,73 +523,55 @@ class AdamWSpam(torch.optim.Optimizer):
         self._plans, self._plans_key = None, None  # the moments are new tensors
         self._last, self._figures = None, None
 
-
-class _GroupPlan:
-    """One param group's work for a step: its parameters with gradients
-    (owners), their states, the buckets, the elements eligible for clipping
-    per class, and what must be written back into the parameters after."""
-
-    def __init__(self, opt, group):
-        self.group = group
-        self.sparse = sparse = opt._is_sparse(group)
-        self.owners, self.states, self.indices, self._write_back = [], [], [], []
-        self.eligible = {}
-        self.volatile = sparse
-        items = []
-        wd, lr = group["weight_decay"], group["lr"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamWSpam does not support sparse gradients")
-            state = opt.state[p] if opt.state.get(p) else opt._init_state(p, sparse)
-            if sparse and wd != 0:
-                p.mul_(1.0 - lr * wd)  # the whole tensor decays, kept elements or not
-            # flat views share memory with p; a non-contiguous p (channels_last)
-            # is updated through a flat copy that is written back at the end
-            copy_back = not p.is_contiguous()
-            self.volatile |= copy_back
-            p_flat = p.reshape(-1) if copy_back else p.view(-1)
-            index = opt._mask_index(state) if sparse else None
-            if index is not None:
-                p_work = p_flat.index_select(0, index)
-                self._write_back.append((p, p_flat, index, p_work, copy_back))
+    def _check_moment_sizes(self, states, whole):
+        """states: {parameter index: state}. whole: they are states of whole tensors
+        (one process's, or a checkpoint's), else of this rank's blocks of sharded
+        parameters (whose density cannot be checked without the other ranks)."""
+        params = [(p, self._is_sparse(group)) for group in self.param_groups for p in group["params"]]
+        for index, state in states.items():
+            if index >= len(params) or not state:
+                continue  # torch's load_state_dict reports a different number of parameters
+            p, sparse = params[index]
+            if whole or not is_sharded(p):
+                expected = self._kept(p.numel()) if sparse else p.numel()
             else:
-                p_work = p_flat
-                if copy_back:
-                    self._write_back.append((p, p_flat, None, None, True))
-            cls = opt._classes.get(p, OTHER)
-            self.eligible[cls] = self.eligible.get(cls, 0) + p_work.numel()
-            items.append((cls, p_work, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), state,
-                          len(self.owners)))
-            self.owners.append(p)
-            self.states.append(state)
-            self.indices.append(index)
-        self.buckets = make_buckets(items)
-        reserve_scratch(opt._scratch, self.buckets)
+                expected = state["mask_offsets"].numel() if "mask_offsets" in state else local(p).numel()
+            if state["exp_avg"].numel() != expected or sparse != ("mask_offsets" in state):
+                raise ValueError("optimizer checkpoint was saved with a different SPAM_DENSITY "
+                                 "or sparse grouping than this optimizer")
 
-    def flat_grads(self):
-        """This step's gradient of each owner, flat (and gathered for sparse moments)."""
-        flat = []
-        for p, index in zip(self.owners, self.indices):
-            g = p.grad.reshape(-1)
-            flat.append(g if index is None else g.index_select(0, index))
-        return flat
+    def full_state_dict(self):
+        """state_dict() as one process holding the whole model has it: under FSDP the
+        states of the ranks' blocks gathered into whole tensors, on the CPU (the masks
+        too, so a checkpoint does not depend on the number of ranks). With sharded
+        parameters a collective that every rank must call."""
+        sd = self.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        sd["state"] = {index: (full_state(sd["state"][index], params[index]) if is_sharded(params[index])
+                               else sd["state"][index]) for index in sorted(sd["state"])}
+        return sd
 
-    def write_back(self):
-        for p, p_flat, index, p_work, copy_back in self._write_back:
-            if index is not None:
-                p_flat.index_copy_(0, index, p_work)
-            if copy_back:
-                p.copy_(p_flat.view(p.shape))
+    def load_full_state_dict(self, state_dict):
+        """Loads a state dict of whole tensors (full_state_dict()'s, or state_dict()'s of
+        an unsharded run); each rank keeps the part of its blocks. No communication."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        states = state_dict["state"]
+        self._check_moment_sizes(states, whole=True)
+        local_states = {index: (local_state(state, layout_of(params[index]))
+                                if index < len(params) and is_sharded(params[index]) else state)
+                        for index, state in states.items()}
+        self.load_state_dict({**state_dict, "state": local_states})
 
 
-def _figures(last):
-    """The telemetry figures (0-dim tensors) of one step's raw record."""
+def _figures(last, shard_group=None):
+    """The telemetry figures (0-dim tensors) of one step's raw record; with a
+    shard_group, the clipped counts of its ranks summed."""
     device = last["device"]
     zero = torch.zeros((), dtype=torch.long, device=device)
     per_class = [torch.stack([c.double() for c in counts]).sum().long() if counts else zero
                  for counts in last["clipped"]]
+    if shard_group is not None:
+        per_class = list(reduce_sum_(torch.stack(per_class), shard_group).unbind())
     total = torch.stack(per_class).sum()
     figures = dict(clipped_count=total, clipped_fraction=total.double() / max(sum(last["eligible"]), 1))
     for cls, name in enumerate(PARAM_CLASSES):

@@ -13,6 +13,8 @@ gather their kept elements into new tensors every step and are rebuilt.
 
 import torch
 
+from optim.spam_shard import local
+
 # Parameter classes of the clipping telemetry, in report order.
 PARAM_CLASSES = ("embedding", "attention", "mlp", "head", "other")
 OTHER = PARAM_CLASSES.index("other")
@@ -165,3 +167,66 @@ def _slices(buffers, bucket):
     flat = tuple(buf[:bucket.numel] for buf in buffers)
     sizes = [p.numel() for p in bucket.params]
     return flat, tuple(list(buf.split(sizes)) for buf in flat[:3])
+
+
+class GroupPlan:
+    """One param group's work for a step: its parameters with gradients
+    (owners), their states, the buckets, the elements eligible for clipping
+    per class, and what must be written back into the parameters after."""
+
+    def __init__(self, opt, group):
+        self.group = group
+        self.sparse = sparse = opt._is_sparse(group)
+        self.owners, self.states, self.indices, self._write_back = [], [], [], []
+        self.eligible = {}
+        self.volatile = sparse
+        items = []
+        wd, lr = group["weight_decay"], group["lr"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamWSpam does not support sparse gradients")
+            state = opt.state[p] if opt.state.get(p) else opt._init_state(p, sparse)
+            w = local(p)  # a sharded parameter is worked on in its local block
+            if sparse and wd != 0:
+                w.mul_(1.0 - lr * wd)  # the whole tensor decays, kept elements or not
+            # flat views share memory with w; a non-contiguous w (channels_last)
+            # is updated through a flat copy that is written back at the end
+            copy_back = not w.is_contiguous()
+            self.volatile |= copy_back
+            p_flat = w.reshape(-1) if copy_back else w.view(-1)
+            index = opt._mask_index(state) if sparse else None
+            if index is not None:
+                p_work = p_flat.index_select(0, index)
+                self._write_back.append((w, p_flat, index, p_work, copy_back))
+            else:
+                p_work = p_flat
+                if copy_back:
+                    self._write_back.append((w, p_flat, None, None, True))
+            cls = opt._classes.get(p, OTHER)
+            # elements of the whole tensor (over every rank): the clipped counts are summed too
+            self.eligible[cls] = self.eligible.get(cls, 0) + (opt._kept(p.numel()) if index is not None
+                                                               else p.numel())
+            items.append((cls, p_work, state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1), state,
+                          len(self.owners)))
+            self.owners.append(p)
+            self.states.append(state)
+            self.indices.append(index)
+        self.buckets = make_buckets(items)
+        reserve_scratch(opt._scratch, self.buckets)
+
+    def flat_grads(self):
+        """This step's gradient of each owner, flat (and gathered for sparse moments)."""
+        flat = []
+        for p, index in zip(self.owners, self.indices):
+            g = local(p.grad).reshape(-1)
+            flat.append(g if index is None else g.index_select(0, index))
+        return flat
+
+    def write_back(self):
+        for p, p_flat, index, p_work, copy_back in self._write_back:
+            if index is not None:
+                p_flat.index_copy_(0, index, p_work)
+            if copy_back:
+                p.copy_(p_flat.view(p.shape))

@@ -211,9 +211,53 @@ def test_fsdp_matches_ddp_and_refuses_what_it_cannot_shard(tmp_path):
     assert len(a) == 5 and a == pytest.approx(b, abs=1e-5)
     state, _ = final_checkpoint(tmp_path / "fsdp" / "run")  # a full (unsharded) state dict
     assert state["model"]["transformer.wte.weight"].shape == (50304, 32)
-    spam = make_settings(tmp_path / "spam", FSDP="y", **common)
-    r = run_train(spam, nproc=2, check=False)
-    assert r.returncode != 0 and "AdamWSpam, Stable-SPAM and the health monitor do not yet handle sharded" in r.stderr
+    monitored = make_settings(tmp_path / "monitored", FSDP="y", **{**common, "MONITOR": "y"})
+    r = run_train(monitored, nproc=2, check=False)
+    assert r.returncode != 0 and "Stable-SPAM and the health monitor do not yet handle sharded" in r.stderr
+
+
+def test_fsdp_adamwspam_matches_one_process(tmp_path):
+    # AdamWSpam on FSDP2 shards: spikes at 17 and 28 (the gate arms at step 10 and
+    # clipping is on from 3 steps after each reset), resets at 12 and 24 with a
+    # 4-step warmup after each, sparse moments at density 0.25
+    common = dict(MAX_ITERS=30, CKPT_INTERVAL=0, MONITOR="n", SPAM_INTERVAL=12, SPAM_WARMUP_STEPS=4,
+                  SPAM_CLIP_GRACE_STEPS=3, SPAM_DENSITY="0.25", FAULT_INJECTION="y", FAULT_SPIKE_STEPS="17,28")
+    single = make_settings(tmp_path / "one", **common, BATCH_SIZE=8)
+    sharded = make_settings(tmp_path / "fsdp", **common, BATCH_SIZE=4, FSDP="y")
+    run_train(single)
+    run_train(sharded, nproc=2)
+    a, b = metrics(tmp_path / "one" / "run"), metrics(tmp_path / "fsdp" / "run")
+    assert len(a) == len(b) == 30
+    for ra, rb in zip(a, b):
+        assert abs(ra["loss"] - rb["loss"]) <= 1e-5, (ra["step"], ra["loss"], rb["loss"])
+        for key in ("spam/spike_step", "spam/reset"):
+            assert ra[key] == rb[key], (ra["step"], key)
+        # the clipped counts of the two ranks are summed: the whole model's count (an
+        # element at its bound may tip either way with the ranks' float rounding)
+        assert rb["spam/clipped_count"] == pytest.approx(ra["spam/clipped_count"], rel=1e-5), ra["step"]
+    assert [r["step"] for r in a if r["spam/spike_step"]] == [17, 28]
+    assert [r["step"] for r in a if r["spam/reset"]] == [12, 24]
+    assert a[16]["spam/clipped_count"] > 0 and a[16]["spam/warmup_scale"] == 1.0
+    assert 0 < a[24]["spam/warmup_scale"] < 1  # step 25: inside the warmup after the reset at 24
+    # the sharded run's checkpoint holds what one process's does: the same masks, the
+    # same moments (gathered from the shards), the same step, gate and mask generator
+    one, _ = final_checkpoint(tmp_path / "one" / "run")
+    two, _ = final_checkpoint(tmp_path / "fsdp" / "run")
+    sa, sb = one["optimizer"], two["optimizer"]
+    assert sa["state"].keys() == sb["state"].keys()
+    assert sum("mask_offsets" in state for state in sa["state"].values()) >= 4  # the sparse matrices
+    for index, state in sa["state"].items():
+        other = sb["state"][index]
+        assert state.keys() == other.keys() and state["step"] == other["step"]
+        for name in ("mask_offsets", "mask_counts"):
+            if name in state:
+                assert torch.equal(state[name], other[name]), (index, name)
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert state[name].shape == other[name].shape
+            assert torch.allclose(state[name], other[name], rtol=1e-3, atol=1e-7), (index, name)
+    assert sa["spam"]["step"] == sb["spam"]["step"] == 30 and sa["spam"]["last_reset"] == sb["spam"]["last_reset"]
+    assert torch.equal(sa["spam"]["mask_generator_state"], sb["spam"]["mask_generator_state"])
+    assert torch.allclose(sa["spam"]["norm_history"], sb["spam"]["norm_history"], rtol=1e-4, equal_nan=True)
 
 
 def test_missing_settings_is_one_clear_line(tmp_path):

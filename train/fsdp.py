@@ -33,6 +33,8 @@ def full_model_state(model: nn.Module) -> dict:
 
 
 def full_optimizer_state(model: nn.Module, optimizer) -> dict:
+    if hasattr(optimizer, "full_state_dict"):  # AdamWSpam gathers its own (sparse masks, the "spam" entry)
+        return optimizer.full_state_dict()
     return get_optimizer_state_dict(model, optimizer, options=_FULL)
 
 
@@ -40,4 +42,7 @@ def load_full_state(model: nn.Module, optimizer, model_state: dict, optimizer_st
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_model_state_dict(model, model_state, options=opts)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
+    if hasattr(optimizer, "load_full_state_dict"):  # AdamWSpam: each rank keeps its shards' part
+        optimizer.load_full_state_dict(optimizer_state)
+    else:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
