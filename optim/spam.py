@@ -45,6 +45,12 @@ that an fp16 GradScaler skips never reaches step(), so nothing advances):
    moments, and freezing 75% of a matrix out of its regulariser for a whole
    window would change the model's effective decay (the authors' code also
    decays the whole tensor).
+6. Sharded parameters (FSDP2 DTensors): everything above acts on each
+   rank's local block; the gate's norm, the clipped counts and the masks are
+   made whole-model quantities across the ranks, and full_state_dict() /
+   load_full_state_dict() convert to and from one process's state, so that
+   a sharded run trains and checkpoints as one process would
+   (optim/spam_shard.py).
 
 Defects of other public implementations that this one avoids (see the
 reference for details):
@@ -79,10 +85,6 @@ from optim.spam_gate import GATE_STATISTICS, SpikeGate
 from optim.spam_plan import PARAM_CLASSES, GroupPlan, Scratch, bucket_scratch, class_of_params, grad_chunks
 from optim.spam_shard import (decode_mask, encode_mask, full_state, group_of, is_sharded, layout_of, local,
                               local_state, mask_part, reduce_sum_)
-
-# Masks (optim/spam_shard.py) store about 1 byte per kept element instead of
-# the 8 of an int64 index, so that the state at density 0.25 is about 0.28x
-# the dense state rather than 0.5x.
 
 # Buckets of up to this many chunks are clipped chunk by chunk, larger ones
 # through a gathered copy (measured on CPU at GPT-2 1M shapes).

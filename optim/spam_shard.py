@@ -23,7 +23,8 @@ does:
 
 A mask is stored as a uint8 offset of each kept element inside its block of
 MASK_BLOCK elements plus one int32 count per block: about 1 byte per kept
-element instead of the 8 of an int64 index.
+element instead of the 8 of an int64 index, so that the state at density
+0.25 is about 0.28x the dense state rather than 0.5x.
 """
 
 from typing import NamedTuple
