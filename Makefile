@@ -52,7 +52,7 @@ help:
 	@$(HELP_LINE) sample 'Print a text sample from the latest checkpoint of the configured run'
 	@$(HELP_LINE) report 'Write the training-health report of a run: make report RUN=runs/<name>'
 	@$(HELP_LINE) compare 'Train and compare presets: make compare DEFCONFIGS="gpt2-tiny gpt2-tiny-adamw" [SEEDS= JOBS=]'
-	@$(HELP_LINE) compare-spikes 'The spike benchmark: 7 methods x 5 spike scenarios x 3 seeds + an LR sweep (docs/spike-experiment.md)'
+	@$(HELP_LINE) compare-spikes 'The spike benchmark: 8 methods x 5 spike scenarios x 3 seeds + an LR sweep (docs/spike-experiment.md)'
 	@$(HELP_LINE) sweep 'Train every combination: make sweep DEFCONFIG=gpt2-tiny SWEEP="LR=3e-4,1e-3 SPAM_THETA=50,5000" [SEEDS= JOBS= MAX_ITERS=]'
 	@$(HELP_LINE) check 'Pre-flight check of .config: build everything, time a few steps, estimate memory and run time'
 	@$(HELP_LINE) check-presets 'Regression gate: short CPU runs of the presets in baselines/ against their stored losses'

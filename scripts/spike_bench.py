@@ -9,7 +9,8 @@ The byte-level GPT (the gpt-bytes preset at nanoGPT's CPU shape: 4 layers,
 
 - methods: AdamW; AdamW + global-norm clip 1.0; AdamW + ZClip; AdamW +
   skip-step; AdamWSpam at the seed's values; AdamWSpam at the paper's values;
-  Stable-SPAM; plus AdamWSpam (seed) with the gate's other two statistics;
+  Stable-SPAM; the combination AdamWSpam (seed) + ZClip; plus AdamWSpam (seed)
+  with the gate's other two statistics;
 - scenarios: none; the whole gradient x1000; 8 token-embedding rows x1000;
   one attention layer x1000; data outliers (a batch of one repeated byte), at
   steps 120, 260, 330 (70 steps after 260: inside the z-gate's window) and
@@ -47,6 +48,9 @@ METHODS = {
     "SPAM (seed)": ("gpt-bytes", ("SPAM_INTERVAL=200", "SPAM_WARMUP_STEPS=20")),
     "SPAM (paper)": ("gpt-bytes+spam-paper", ("SPAM_INTERVAL=100", "SPAM_WARMUP_STEPS=30")),
     "Stable-SPAM": ("gpt-bytes-adamw+stable-spam", ("STABLE_SPAM_INTERVAL=200",)),
+    # a combination, not a published method: SPAM's element-wise clip and resets with
+    # ZClip in front for whole-gradient spikes (docs/spike-experiment.md says why)
+    "SPAM (seed) + ZClip": ("gpt-bytes+zclip", ("SPAM_INTERVAL=200", "SPAM_WARMUP_STEPS=20")),
 }
 # The z-gate's statistics (SPAM_GATE_*), measured on the scenarios where the gate matters
 GATE_METHODS = {

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_grid_covers_every_method_scenario_and_lr(monkeypatch):
     specs = sb.plan(sb.METHODS, list(sb.SCENARIOS), seeds=3, lr_sweep=True)
     main = [s for s in specs if s[3]["lr"] == sb.BASE_LR]
-    assert len(main) == len(sb.METHODS) * len(sb.SCENARIOS) * 3 == 105
+    assert len(main) == len(sb.METHODS) * len(sb.SCENARIOS) * 3 == 120
     lr = [s for s in specs if s[3]["lr"] != sb.BASE_LR]
     assert len(lr) == len(sb.METHODS) * (len(sb.LRS) - 1) and all(s[2] == 1 for s in lr)
     assert float(sb.LRS[-1]) / float(sb.LRS[0]) >= 30  # Wortsman et al.: at least 30x
