@@ -158,7 +158,7 @@ compare: | $(DEPS_STAMP)
 	@$(PY) -m scripts.compare $(DEFCONFIGS) $(COMPARE_ARGS)
 
 compare-spikes: | $(DEPS_STAMP)
-	@$(PY) -m scripts.spike_bench $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(OUT),--out $(OUT))
+	@$(PY) -m scripts.spike_bench $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(OUT),--out $(OUT)) $(if $(GATES),--gates)
 
 # make sweep DEFCONFIG=gpt2-tiny SWEEP="LR=3e-4,1e-3,3e-3 SPAM_THETA=50:5000:3" [SEEDS= JOBS= MAX_ITERS= OUT= SET=]
 sweep: | $(DEPS_STAMP)

@@ -28,7 +28,6 @@ import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -344,10 +343,13 @@ def _monitor_scaling(ctx: Context) -> dict:
     bench = _require("optim.bench", "the optimizer benchmark")
     monitor_mod = _require("monitor.monitor", "the health monitor")
     from optim.spam import AdamWSpam
-    cfg = preset_settings("gpt2-tiny", MONITOR="y")
-    intervals = {k: getattr(cfg, k) for k in ("MONITOR_GRAD_NORM_INTERVAL", "MONITOR_GSS_INTERVAL",
-                                               "MONITOR_UPDATE_RATIO_INTERVAL")}
-    mcfg = SimpleNamespace(MONITOR=True, GRAD_ACCUM_STEPS=1, **intervals)
+    from monitor.settings import INTERVALS
+    kept = ("MONITOR_GRAD_NORM_INTERVAL", "MONITOR_GSS_INTERVAL", "MONITOR_UPDATE_RATIO_INTERVAL")
+    # complete settings (the monitor reads them strictly) with every other metric off
+    cfg = preset_settings("gpt2-tiny", MONITOR="y", MONITOR_SPIKE_GUARD="n",
+                          **{name: "0" for name in INTERVALS.values() if name not in kept})
+    intervals = {k: getattr(cfg, k) for k in kept}
+    mcfg = cfg
     cycle = _monitor_cycle({k: v for k, v in intervals.items()})
     out = {}
     for size in SCALING_SIZES:

@@ -1,7 +1,7 @@
 """`make compare-spikes`: which spike-handling method wins where.
 
     python -m scripts.spike_bench [--seeds 3] [--jobs 2] [--out runs/compare-spikes]
-                                  [--only METHOD ...] [--scenarios NAME ...] [--no-lr]
+                                  [--only METHOD ...] [--scenarios NAME ...] [--no-lr] [--gates]
 
 The byte-level GPT (the gpt-bytes preset at nanoGPT's CPU shape: 4 layers,
 128 wide, 64-byte context, batch 12) trains 600 steps per run, once per
@@ -9,8 +9,8 @@ The byte-level GPT (the gpt-bytes preset at nanoGPT's CPU shape: 4 layers,
 
 - methods: AdamW; AdamW + global-norm clip 1.0; AdamW + ZClip; AdamW +
   skip-step; AdamWSpam at the seed's values; AdamWSpam at the paper's values;
-  Stable-SPAM; the combination AdamWSpam (seed) + ZClip; plus AdamWSpam (seed)
-  with the gate's other two statistics;
+  Stable-SPAM; the combination AdamWSpam (seed) + ZClip; with --gates also
+  AdamWSpam (seed) with the gate's other two statistics (18 runs more);
 - scenarios: none; the whole gradient x1000; 8 token-embedding rows x1000;
   one attention layer x1000; data outliers (a batch of one repeated byte), at
   steps 120, 260, 330 (70 steps after 260: inside the z-gate's window) and
@@ -304,6 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", metavar="METHOD", help="a subset of the methods (names as in the tables)")
     p.add_argument("--scenarios", nargs="+", metavar="NAME", help="a subset of the scenarios")
     p.add_argument("--no-lr", action="store_true", help="leave out the LR sweep")
+    p.add_argument("--gates", action="store_true", help="also the z-gate's published-window and median/MAD "
+                   "statistics (SPAM_GATE_*), on the scenarios where the gate matters")
     args = p.parse_args(argv)
     everything = {**METHODS, **GATE_METHODS}
     unknown = [m for m in (args.only or []) if m not in everything]
@@ -312,7 +314,8 @@ def main(argv=None) -> int:
         print(f"error: unknown method or scenario {unknown[0]!r} (methods: {', '.join(everything)}; "
               f"scenarios: {', '.join(SCENARIOS)})", file=sys.stderr)
         return 2
-    methods = {m: everything[m] for m in (args.only or everything)}
+    default = {**METHODS, **(GATE_METHODS if args.gates else {})}
+    methods = {m: everything[m] for m in (args.only or default)}
     scenarios = list(args.scenarios or SCENARIOS)
     if "none" not in scenarios:
         scenarios.insert(0, "none")  # damage is measured against it
