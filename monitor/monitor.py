@@ -194,6 +194,8 @@ class HealthMonitor:
         if self._due("update_ratio", step):
             self._snapshot = (step, [p.detach().clone() for p in self.params])
         log_norms = self._due("grad_norm", step)
+        if self._due("gss_elementwise", step):
+            self._put_elementwise_gss()
         if not (log_norms or self.track_gss):
             return Decision()
 
@@ -211,7 +213,6 @@ class HealthMonitor:
             self._put("gss/global", gss_global)
             self._put("gss/max", gss.max())
             self._put_per_matrix("gss", gss)
-            self._put_elementwise_gss()
         if self.guard is None:
             self.gss.accept(norms, total)
             return Decision()

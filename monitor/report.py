@@ -306,7 +306,7 @@ def sections(run: Run) -> list[Section]:
                                   (D.GSS_SPIKE, f"{D.GSS_SPIKE:g}: spike"))),
                     Panel("element-wise GSS per parameter class (solid: max, dashed: p99.9)",
                           family(s, "gss_elem", rename=lambda name: name.replace("/", " ")),
-                          "MONITOR_GSS_INTERVAL=0", ylabel="|g| / sqrt(v)",
+                          "MONITOR_GSS_ELEMENTWISE_INTERVAL=0", ylabel="|g| / sqrt(v)",
                           logy=True, markers=True, dashed=" p999",
                           hlines=((D.ELEM_GSS_DENSE_MAX, f"{D.ELEM_GSS_DENSE_MAX:g}: dense-class alarm"),
                                   (D.ELEM_GSS_EMBEDDING_P999,

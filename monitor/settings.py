@@ -15,6 +15,7 @@ from monitor.loss_spike import LossSpikeWindow
 INTERVALS = {
     "grad_norm": "MONITOR_GRAD_NORM_INTERVAL",
     "gss": "MONITOR_GSS_INTERVAL",
+    "gss_elementwise": "MONITOR_GSS_ELEMENTWISE_INTERVAL",
     "update_ratio": "MONITOR_UPDATE_RATIO_INTERVAL",
     "gsnr": "MONITOR_GSNR_INTERVAL",
     "ddp": "MONITOR_DDP_CONSISTENCY_INTERVAL",

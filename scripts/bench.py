@@ -101,9 +101,10 @@ class MonitorHooks:
     on_micro_batch, before_step, after_step, on_probe when due, metrics() at
     LOG_INTERVAL. The gradients already in .grad are reused for every step."""
 
-    def __init__(self, monitor, log_interval: int, loss, probe_batch=None, grad_accum: int = 1):
+    def __init__(self, monitor, log_interval: int, loss, probe_batch=None, grad_accum: int = 1, grad_norm=None):
         self.monitor, self.log_interval = monitor, log_interval
         self.loss, self.probe_batch, self.grad_accum = loss, probe_batch, grad_accum
+        self.grad_norm = grad_norm  # the trainer's one global norm per step, handed to the monitor
         self.step = 0
 
     def run(self, steps: int):
@@ -113,7 +114,7 @@ class MonitorHooks:
             s = self.step
             for micro in range(self.grad_accum):
                 m.on_micro_batch(s, micro)
-            m.before_step(s)
+            m.before_step(s, loss=self.loss, grad_norm=self.grad_norm)
             m.after_step(s, self.loss)
             if self.probe_batch is not None and m.wants_probe(s):
                 m.on_probe(s, self.probe_batch)
@@ -135,7 +136,8 @@ def bench_monitor(ctx: Context) -> list:
     # Gradients for the hooks to read: one backward, then kept in place.
     train_step()
     train_step.forward_backward()
-    hooks = MonitorHooks(monitor, cfg.LOG_INTERVAL, train_step.last_loss, probe, cfg.GRAD_ACCUM_STEPS)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in train_step.params if p.grad is not None])
+    hooks = MonitorHooks(monitor, cfg.LOG_INTERVAL, train_step.last_loss, probe, cfg.GRAD_ACCUM_STEPS, grad_norm)
     hooks.run(cycle)  # warm-up: allocations, first SVDs, the first loss fits
     hooks.step = 0
     repeats = ctx.repeats
@@ -344,7 +346,8 @@ def _monitor_scaling(ctx: Context) -> dict:
     monitor_mod = _require("monitor.monitor", "the health monitor")
     from optim.spam import AdamWSpam
     from monitor.settings import INTERVALS
-    kept = ("MONITOR_GRAD_NORM_INTERVAL", "MONITOR_GSS_INTERVAL", "MONITOR_UPDATE_RATIO_INTERVAL")
+    kept = ("MONITOR_GRAD_NORM_INTERVAL", "MONITOR_GSS_INTERVAL", "MONITOR_GSS_ELEMENTWISE_INTERVAL",
+            "MONITOR_UPDATE_RATIO_INTERVAL")
     # complete settings (the monitor reads them strictly) with every other metric off
     cfg = preset_settings("gpt2-tiny", MONITOR="y", MONITOR_SPIKE_GUARD="n",
                           **{name: "0" for name in INTERVALS.values() if name not in kept})

@@ -290,7 +290,8 @@ def test_monitor_hooks_follow_the_trainer_order():
         def on_micro_batch(self, step, micro):
             log.append(("micro", step, micro))
 
-        def before_step(self, step):
+        def before_step(self, step, loss=None, grad_norm=None):
+            assert grad_norm is not None  # the trainer's norm is handed over, as train/step.py does
             log.append(("before", step))
 
         def after_step(self, step, loss):
@@ -305,7 +306,7 @@ def test_monitor_hooks_follow_the_trainer_order():
         def metrics(self):
             log.append(("metrics",))
 
-    hooks = bench.MonitorHooks(FakeMonitor(), log_interval=2, loss="L", probe_batch="P", grad_accum=2)
+    hooks = bench.MonitorHooks(FakeMonitor(), log_interval=2, loss="L", probe_batch="P", grad_accum=2, grad_norm=1.0)
     hooks.run(3)
     assert log == [("micro", 1, 0), ("micro", 1, 1), ("before", 1), ("after", 1, "L"),
                    ("micro", 2, 0), ("micro", 2, 1), ("before", 2), ("after", 2, "L"), ("metrics",),

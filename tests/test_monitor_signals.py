@@ -177,7 +177,7 @@ def test_upper_quantile_is_the_ceil_n_over_1000_th_largest():
 def test_elementwise_gss_per_class_matches_a_plain_loop():
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    mon = HealthMonitor(monitor_cfg(GSS_INTERVAL=2), model, opt)
+    mon = HealthMonitor(monitor_cfg(GSS_ELEMENTWISE_INTERVAL=2), model, opt)
     classes = parameter_classes(model)
     for step in (1, 2):
         x, y = batch(step)

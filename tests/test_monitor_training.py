@@ -29,7 +29,7 @@ SEED_002_INDICATORS = {
 MORE = ("gss_elem/embedding/max", "gss_elem/embedding/p999", "gss_elem/attention/p999", "gss_elem/mlp/max",
         "act_spectrum/L0/top10_mass", "act_spectrum/L1/tail_exponent", "grad_spectrum/effective_rank")
 INTERVALS = {f"MONITOR_{m}_INTERVAL": n for m, n in (
-    ("GRAD_NORM", 2), ("GSS", 2), ("UPDATE_RATIO", 2), ("GSNR", 2), ("DDP_CONSISTENCY", 2), ("WEIGHT_SPECTRA", 4),
+    ("GRAD_NORM", 2), ("GSS", 2), ("GSS_ELEMENTWISE", 2), ("UPDATE_RATIO", 2), ("GSNR", 2), ("DDP_CONSISTENCY", 2), ("WEIGHT_SPECTRA", 4),
     ("COLLAPSE_RESIDUAL", 10), ("ATTN_ENTROPY", 4), ("TOKEN_ENTROPY", 4), ("ACT_SPECTRA", 4), ("GRAD_SPECTRA", 4),
     ("CODEC", 4), ("ZLIB", 4))}
 

@@ -417,7 +417,7 @@ def test_sections_without_data_say_so(tmp_path):
     assert report_main([str(run)]) == 0
     report = run / "report" / "report.md"
     text = report.read_text()
-    for title, knob in (("Gradient Spike Score", "MONITOR_GSS_INTERVAL=0"),
+    for title, knob in (("Gradient Spike Score", "MONITOR_GSS_INTERVAL=0; MONITOR_GSS_ELEMENTWISE_INTERVAL=0"),
                         ("Heavy-tail alpha", "MONITOR_WEIGHT_SPECTRA_INTERVAL=0"),
                         ("Activation spectra", "MONITOR_ACT_SPECTRA_INTERVAL=0"),
                         ("SPAM optimizer telemetry", "optimizer is not AdamW-SPAM")):
@@ -447,7 +447,7 @@ def test_image_runs_name_the_model_and_skip_language_probes(tmp_path):
     entropy = text[text.index("## Attention-head and token entropy"):].split("\n## ")[0]
     assert "*No data: not measured: a probe of GPT-2 runs only.*" in entropy
     gss = text[text.index("## Gradient Spike Score"):].split("\n## ")[0]
-    assert "*No data: metric off (MONITOR_GSS_INTERVAL=0).*" in gss
+    assert "*No data: metric off (MONITOR_GSS_INTERVAL=0; MONITOR_GSS_ELEMENTWISE_INTERVAL=0).*" in gss
 
 
 def test_report_errors_are_one_line(tmp_path):

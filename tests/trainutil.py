@@ -16,7 +16,7 @@ TINY_GPT = {
     "GPT2_CUSTOM": "y", "GPT2_N_LAYER": "2", "GPT2_N_HEAD": "2", "GPT2_N_EMBD": "32",
     "GPT2_BLOCK_SIZE": "32", "BATCH_SIZE": "4", "EVAL_BATCHES": "2", "LOG_INTERVAL": "1",
     "EVAL_INTERVAL": "1000", "TENSORBOARD": "n", "DEVICE_CPU": "y", "SAMPLE_TOKENS": "8",
-    "LR_WARMUP_ITERS": "2",
+    "LR_WARMUP_ITERS": "2", "DTYPE_FP32": "y",  # exact comparisons between layouts need fp32
 }
 
 
