@@ -43,8 +43,10 @@ def preset_settings_path(preset: str, overrides: tuple = ()) -> Path:
     env = dict(os.environ, KCONFIG_CONFIG=str(folder / ".config"))
     tool = [sys.executable, "-m", "scripts.kconfig"]
     commands = [tool + ["defconfig", f"defconfigs/{preset}"]]
-    if overrides:
-        commands.append(tool + ["setconfig", *(f"{k}={v}" for k, v in overrides)])
+    # the preset's own OUT_DIR may hold the user's run of it (setconfig refuses to point a
+    # configuration with other settings at it); nothing is written there anyway
+    overrides = (("OUT_DIR", str(folder / "run")), *overrides)
+    commands.append(tool + ["setconfig", *(f"{k}={v}" for k, v in overrides)])
     commands.append(tool + ["settings", str(folder / "settings.py")])
     for cmd in commands:
         done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)

@@ -36,7 +36,9 @@ def test_every_preset_round_trips_byte_for_byte(kconf, ktree, kconfig, name):
 
 @pytest.mark.parametrize("fragment", FRAGMENTS)
 def test_every_fragment_merges_onto_an_adamwspam_preset(kconfig, fragment):
-    kconfig("check", "defconfigs/gpt2-tiny", "--fragment", fragment, check=True)
+    # a fragment that chooses another optimizer merges onto the AdamW preset (as compare-spikes does)
+    base = "defconfigs/gpt2-tiny-adamw" if fragment.endswith("stable-spam.config") else "defconfigs/gpt2-tiny"
+    kconfig("check", base, "--fragment", fragment, check=True)
 
 
 def test_presets_hold_what_they_promise(kconf):
@@ -67,12 +69,12 @@ def test_presets_hold_what_they_promise(kconf):
     assert v["OPTIM_ADAMW"] == "y" and v["OUT_DIR"] == "runs/gpt2-tiny-adamw" and "SPAM_THETA" not in v
     assert all(v[k] == tiny[k] for k in ("MAX_ITERS", "LR", "MIN_LR", "BETA2", "BATCH_SIZE", "EVAL_INTERVAL"))
 
-    # the default run: a byte-level GPT at nanoGPT's shakespeare_char CPU shape
+    # the default run: a byte-level GPT at nanoGPT's shakespeare_char CPU shape, sized for 5 minutes
     v = values("gpt-bytes")
     assert (v["GPT2_CUSTOM"], v["TOKENIZER_BYTES"], v["DATA_SHAKESPEARE"], v["OPTIM_ADAMW_SPAM"]) == ("y",) * 4
-    assert (v["GPT2_N_LAYER"], v["GPT2_N_HEAD"], v["GPT2_N_EMBD"], v["GPT2_BLOCK_SIZE"]) == ("4", "4", "128", "64")
-    assert (v["BATCH_SIZE"], v["LR"], v["MIN_LR"], v["BETA2"], v["GPT2_DROPOUT"]) == ("12", "1e-3", "1e-4", "0.99", "0.0")
-    assert (v["MAX_ITERS"], v["OUT_DIR"], v["TOKENIZER_GPT2"]) == ("2000", "runs/gpt-bytes", "n")
+    assert (v["GPT2_N_LAYER"], v["GPT2_N_HEAD"], v["GPT2_N_EMBD"], v["GPT2_BLOCK_SIZE"]) == ("4", "4", "128", "128")
+    assert (v["BATCH_SIZE"], v["LR"], v["MIN_LR"], v["BETA2"], v["GPT2_DROPOUT"]) == ("16", "1e-3", "1e-4", "0.99", "0.0")
+    assert (v["MAX_ITERS"], v["OUT_DIR"], v["TOKENIZER_GPT2"], v["DTYPE_FP32"]) == ("3000", "runs/gpt-bytes", "n", "y")
     byte_spam = v
     v = values("gpt-bytes-adamw")
     assert v["OPTIM_ADAMW"] == "y" and v["OUT_DIR"] == "runs/gpt-bytes-adamw" and "SPAM_THETA" not in v

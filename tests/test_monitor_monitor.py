@@ -383,6 +383,9 @@ def _ddp_worker(rank, world, init_file, result_file):
     torch.manual_seed(100 + rank)
     out["sketches"] = M.gather_gradient_sketches([torch.randn(20, 10), None, torch.randn(30)], dim=64, seed=3)
     torch.save(out, f"{result_file}.{rank}")
+    # both ranks leave their last collective before either tears gloo down (a rank that
+    # destroyed the group under the other's feet once aborted in gloo's threads)
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -460,7 +463,7 @@ def test_elementwise_gss_reads_adamwspam_sparse_moments():
     model = nn.Linear(16, 16, bias=False)
     opt = spam.AdamWSpam([{"params": list(model.parameters()), "sparse": True}], lr=1e-3, density=0.25,
                          enable_clip=False, periodic_reset=False)
-    mon = HealthMonitor(make_cfg(GSS_INTERVAL=1), model, opt)
+    mon = HealthMonitor(make_cfg(GSS_INTERVAL=1, GSS_ELEMENTWISE_INTERVAL=1), model, opt)
     x = torch.randn(4, 16)
     for step in (1, 2):
         model(x).pow(2).mean().backward()
