@@ -34,6 +34,14 @@ BAD = [
      "SPAM_WARMUP_STEPS"),
     ("step-list", ["CONFIG_FAULT_INJECTION=y", 'CONFIG_FAULT_NAN_STEPS="10,x"'],
      ["FAULT_INJECTION=y", "FAULT_NAN_STEPS=10,x"], "FAULT_NAN_STEPS"),
+    # distributed runs and their faults, the monitor's element-wise GSS interval
+    ("dist-timeout-below-range", ["CONFIG_DIST_TIMEOUT_S=5"], ["DIST_TIMEOUT_S=5"], "DIST_TIMEOUT_S"),
+    ("kill-rank-above-range", ["CONFIG_FAULT_INJECTION=y", "CONFIG_FAULT_KILL_RANK=70000"],
+     ["FAULT_INJECTION=y", "FAULT_KILL_RANK=70000"], "FAULT_KILL_RANK"),
+    ("kill-step-negative", ["CONFIG_FAULT_INJECTION=y", "CONFIG_FAULT_KILL_STEP=-1"],
+     ["FAULT_INJECTION=y", "FAULT_KILL_STEP=-1"], "FAULT_KILL_STEP"),
+    ("gss-elementwise-interval-negative", ["CONFIG_MONITOR_GSS_ELEMENTWISE_INTERVAL=-1"],
+     ["MONITOR_GSS_ELEMENTWISE_INTERVAL=-1"], "MONITOR_GSS_ELEMENTWISE_INTERVAL"),
     # folders a run writes into (docs/reliability.md): not empty, not a root, not the source tree
     ("out-dir-empty", ['CONFIG_OUT_DIR=""'], ["OUT_DIR="], "OUT_DIR"),
     ("out-dir-root", ['CONFIG_OUT_DIR="/"'], ["OUT_DIR=/"], "OUT_DIR"),
