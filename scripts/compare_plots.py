@@ -56,6 +56,12 @@ def plot_curves(curves: dict[str, list[dict[int, float]]], *, title: str, ylabel
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
+    return save_figure(fig, ax, path)
+
+
+def save_figure(fig, ax, path):
+    """The comparison plots' common finish: grid, legend, tight layout, PNG at 110 dpi."""
+    import matplotlib.pyplot as plt
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

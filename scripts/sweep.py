@@ -254,12 +254,8 @@ def plot_axis(summary: dict, symbol: str, path: Path) -> Path | None:
     ax.set_xlabel(symbol)
     ax.set_ylabel("final val loss")
     ax.set_title(f"{summary['configuration']}: final val loss vs {symbol}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from scripts.compare_plots import save_figure
+    return save_figure(fig, ax, path)
 
 
 def write_sweep_report(out: Path, summary: dict) -> list[Path]:

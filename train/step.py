@@ -65,9 +65,9 @@ def _forward_backward(run: Run, step: int) -> tuple[torch.Tensor, list]:
     return step_loss, micro_ids
 
 
-def global_grad_norm(params) -> torch.Tensor:
-    """L2 norm over every gradient, as a 0-dim tensor (no host sync)."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=True)
+def global_grad_norm(grads) -> torch.Tensor:
+    """L2 norm over the gradients, as a 0-dim tensor (no host sync)."""
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     # FSDP2: the norm of sharded gradients is a DTensor holding per-rank partial sums;
     # full_tensor() reduces them to the global norm every rank agrees on
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -85,12 +85,12 @@ def optimizer_step(run: Run, step: int) -> StepOutcome:
     run.faults.inject_gradient_spike(step + 1, run.model)
 
     grads = [p.grad for p in run.params if p.grad is not None]
-    grad_norm = global_grad_norm(run.params)
+    grad_norm = global_grad_norm(grads)
     decision = None
     if run.monitor is not None:
         decision = run.monitor.before_step(step + 1, micro_ids, loss=step_loss, grad_norm=grad_norm)
         if decision.clipped:  # the spike guard scaled the gradients: what follows needs their new norm
-            grad_norm = global_grad_norm(run.params)
+            grad_norm = global_grad_norm(grads)
     if run.clipper is not None:
         run.clipper.clip_(grads, grad_norm)
     skip = _skip_verdict(run, step_loss, grad_norm)
