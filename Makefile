@@ -158,7 +158,7 @@ compare: | $(DEPS_STAMP)
 	@$(PY) -m scripts.compare $(DEFCONFIGS) $(COMPARE_ARGS)
 
 compare-spikes: | $(DEPS_STAMP)
-	@$(PY) -m scripts.spike_bench $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(OUT),--out $(OUT)) $(if $(GATES),--gates)
+	@$(PY) -m scripts.spike_bench $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS)) $(if $(OUT),--out $(OUT)) $(if $(GATES),--gates) $(if $(PRESET),--preset $(PRESET)) $(if $(SPIKE_LR),--lr $(SPIKE_LR))
 
 # make sweep DEFCONFIG=gpt2-tiny SWEEP="LR=3e-4,1e-3,3e-3 SPAM_THETA=50:5000:3" [SEEDS= JOBS= MAX_ITERS= OUT= SET=]
 sweep: | $(DEPS_STAMP)

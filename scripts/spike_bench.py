@@ -2,6 +2,7 @@
 
     python -m scripts.spike_bench [--seeds 3] [--jobs 2] [--out runs/compare-spikes]
                                   [--only METHOD ...] [--scenarios NAME ...] [--no-lr] [--gates]
+                                  [--preset gpt-bytes|gpt2-tiny] [--lr LR]
 
 The byte-level GPT (the gpt-bytes preset at nanoGPT's CPU shape: 4 layers,
 128 wide, 64-byte context, batch 12) trains 600 steps per run, once per
@@ -21,6 +22,12 @@ The byte-level GPT (the gpt-bytes preset at nanoGPT's CPU shape: 4 layers,
 Reset intervals and post-reset warmups are scaled by 1/5 for the 600-step
 runs (seed 1000/100 -> 200/20, paper 500/150 -> 100/30, Stable-SPAM 1000 ->
 200), so that resets and warmups happen 3 to 6 times in every run.
+
+--preset gpt2-tiny runs the same grid on the GPT-2 BPE model (the gpt2-tiny
+presets: 4 layers, 128 wide, GPT-2's 50257-token vocabulary) to check that
+the byte-level results carry over to a real subword tokenizer. --lr runs the
+scenarios at another peak LR (MIN_LR follows at LR/10) than the presets' 1e-3,
+e.g. at the LR the sweep found best; the LR sweep is then left out.
 
 Every run is an ordinary run of `make compare` (scripts/runs.py): finished
 runs are reused and interrupted ones resume, so the same command continues an
@@ -52,6 +59,11 @@ METHODS = {
     # ZClip in front for whole-gradient spikes (docs/spike-experiment.md says why)
     "SPAM (seed) + ZClip": ("gpt-bytes+zclip", ("SPAM_INTERVAL=200", "SPAM_WARMUP_STEPS=20")),
 }
+# Combinations measured after the main grid (--only NAME): not in the default run, which
+# must stay under an hour on 2 cores
+EXTRA_METHODS = {
+    "SPAM (seed) + clip 1.0": ("gpt-bytes+clip1", ("SPAM_INTERVAL=200", "SPAM_WARMUP_STEPS=20")),
+}
 # The z-gate's statistics (SPAM_GATE_*), measured on the scenarios where the gate matters
 GATE_METHODS = {
     "SPAM (seed), published window": ("gpt-bytes+gate-window", ("SPAM_INTERVAL=200", "SPAM_WARMUP_STEPS=20")),
@@ -70,6 +82,22 @@ SCENARIOS = {
 LRS = ("3e-4", "1e-3", "3e-3", "5e-3", "1e-2")
 BASE_LR = "1e-3"  # the preset's: the scenario runs at seed 1 are the sweep's 1e-3 point
 
+# --preset: the model the grid runs on. The method table names the byte-level
+# presets; another model swaps the leading "gpt-bytes" of each configuration.
+# init_loss: the loss of an untrained model, ln(vocabulary).
+PRESETS = {
+    "gpt-bytes": {"prefix": "gpt-bytes", "init_loss": math.log(257), "unit": "nats per byte",
+                  "about": "gpt-bytes (4 layers, 128 wide, bytes of Shakespeare)", "plot_top": 3.0},
+    "gpt2-tiny": {"prefix": "gpt2-tiny", "init_loss": math.log(50257), "unit": "nats per token",
+                  "about": "gpt2-tiny (4 layers, 128 wide, GPT-2 BPE tokens of Shakespeare)", "plot_top": 8.0},
+}
+
+
+def on_preset(configuration: str, preset: str) -> str:
+    """The configuration `configuration` (written for gpt-bytes) on the model of `preset`."""
+    assert configuration.startswith("gpt-bytes"), configuration
+    return PRESETS[preset]["prefix"] + configuration[len("gpt-bytes"):]
+
 COMMON = (
     f"MAX_ITERS={STEPS}", "MAX_EPOCHS=0", "GPT2_BLOCK_SIZE=64", "BATCH_SIZE=12",
     "EVAL_INTERVAL=50", "EVAL_BATCHES=10", "LOG_INTERVAL=1", "CKPT_INTERVAL=0", "SAMPLE_TOKENS=32",
@@ -85,21 +113,29 @@ def job_name(configuration: str, scenario: str) -> str:
     return configuration + (f"+{fragment}" if fragment else "")
 
 
-def plan(methods, scenarios, seeds: int, lr_sweep: bool) -> list[tuple[str, tuple, int, dict]]:
-    """(job name, settings, seed, what it measures) for every run of the benchmark."""
+def _lr_sets(lr: str) -> tuple:
+    return (f"LR={lr}", f"MIN_LR={float(lr) / 10:g}")
+
+
+def plan(methods, scenarios, seeds: int, lr_sweep: bool, preset: str = "gpt-bytes",
+         lr: str = BASE_LR) -> list[tuple[str, tuple, int, dict]]:
+    """(job name, settings, seed, what it measures) for every run of the benchmark; the
+    scenario runs at peak LR `lr` (the sweep only at the presets' own LR)."""
     specs = []
     for method, (configuration, sets) in methods.items():
+        configuration = on_preset(configuration, preset)
         chosen = [s for s in scenarios if s in GATE_SCENARIOS] if method in GATE_METHODS else scenarios
+        scenario_sets = sets if lr == BASE_LR else (*sets, *_lr_sets(lr))
         for scenario in chosen:
             for seed in range(1, seeds + 1):
-                specs.append((job_name(configuration, scenario), sets, seed,
-                              {"method": method, "scenario": scenario, "lr": BASE_LR}))
-        if lr_sweep and method in METHODS:
-            for lr in LRS:
-                if lr == BASE_LR:
+                specs.append((job_name(configuration, scenario), scenario_sets, seed,
+                              {"method": method, "scenario": scenario, "lr": lr}))
+        if lr_sweep and lr == BASE_LR and method in METHODS:
+            for swept in LRS:
+                if swept == BASE_LR:
                     continue
-                lr_sets = (*sets, f"LR={lr}", f"MIN_LR={float(lr) / 10:g}")
-                specs.append((f"{configuration}/lr{lr}", lr_sets, 1, {"method": method, "scenario": "none", "lr": lr}))
+                specs.append((f"{configuration}/lr{swept}", (*sets, *_lr_sets(swept)), 1,
+                              {"method": method, "scenario": "none", "lr": swept, "sweep": True}))
     return specs
 
 
@@ -149,23 +185,25 @@ def _mean_std(values):
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
 
 
-def summarise(specs, out: Path) -> dict:
+def summarise(specs, out: Path, init_loss: float = PRESETS["gpt-bytes"]["init_loss"]) -> dict:
     """Per (method, scenario): final val loss (mean, std, n), damage against the same
     method and seed without injection, spikes seen, steps acted on; per (method, LR):
     final val loss; per method: Wortsman et al.'s LR sensitivity."""
-    runs = {}
+    runs, swept = {}, {}
     for name, _, seed, what in specs:
-        runs[(what["method"], what["scenario"], what["lr"], seed)] = run_figures(out / name / f"seed{seed}")
+        figures = run_figures(out / name / f"seed{seed}")
+        if what.get("sweep"):
+            swept[(what["method"], what["lr"])] = figures
+        else:
+            runs[(what["method"], what["scenario"], seed)] = figures
     cells = {}
-    for (method, scenario, lr, seed), fig in runs.items():
-        if lr != BASE_LR:
-            continue
+    for (method, scenario, seed), fig in runs.items():
         cell = cells.setdefault((method, scenario), {"loss": [], "damage": [], "spikes": [], "acted": [],
                                                      "curves": [], "classes": []})
         if fig is None:
             continue
         cell["loss"].append(fig["final_val_loss"])
-        clean = runs.get((method, "none", BASE_LR, seed))
+        clean = runs.get((method, "none", seed))
         if clean and fig["final_val_loss"] is not None and clean["final_val_loss"] is not None:
             cell["damage"].append(fig["final_val_loss"] - clean["final_val_loss"])
         cell["spikes"].append(fig["spikes_seen"])
@@ -178,25 +216,26 @@ def summarise(specs, out: Path) -> dict:
                                                  for k in {k for d in c["classes"] for k in d}}}
              for (m, s), c in cells.items()}
     lr_curves = {}
-    for (method, scenario, lr, seed), fig in runs.items():
-        if scenario == "none" and seed == 1 and method in METHODS and fig is not None:
-            lr_curves.setdefault(method, {})[lr] = fig["final_val_loss"]
-    return {"table": table, "lr": lr_curves, "sensitivity": lr_sensitivity(lr_curves),
+    if swept:  # the sweep's point at the presets' LR is the scenario run without injection, seed 1
+        for method in {m for m, _ in swept}:
+            by_lr = {lr: fig["final_val_loss"] for (m, lr), fig in swept.items() if m == method and fig}
+            base = runs.get((method, "none", 1))
+            if base is not None:
+                by_lr[BASE_LR] = base["final_val_loss"]
+            lr_curves[method] = {lr: by_lr[lr] for lr in LRS if lr in by_lr}
+    return {"table": table, "lr": lr_curves, "sensitivity": lr_sensitivity(lr_curves, init_loss),
             "curves": {f"{m} | {s}": c["curves"] for (m, s), c in cells.items()}}
 
 
-# Loss of the untrained model on bytes: ln(257). Wortsman et al. cap a diverged run's
-# loss at the loss at initialisation, so one divergence cannot dominate the mean.
-INIT_LOSS = math.log(257)
-
-
-def lr_sensitivity(lr_curves: dict) -> dict:
+def lr_sensitivity(lr_curves: dict, init_loss: float = PRESETS["gpt-bytes"]["init_loss"]) -> dict:
     """Per method: the mean over the swept LRs of min(final loss, initial loss) minus the
     method's best final loss over those LRs (Wortsman et al., 2023): 0 when every LR
-    does as well as the best one; larger when the method needs its LR tuned."""
+    does as well as the best one; larger when the method needs its LR tuned. Wortsman et
+    al. cap a diverged run's loss at the loss at initialisation (`init_loss`), so one
+    divergence cannot dominate the mean."""
     out = {}
     for method, by_lr in lr_curves.items():
-        losses = [min(v, INIT_LOSS) if v is not None else INIT_LOSS for v in by_lr.values()]
+        losses = [min(v, init_loss) if v is not None else init_loss for v in by_lr.values()]
         if len(losses) == len(LRS):
             out[method] = statistics.fmean(losses) - min(losses)
     return out
@@ -212,11 +251,12 @@ def _fmt(cell, digits=3, signed=False):
     return f"{mean:{sign}.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:{sign}.{digits}f}"
 
 
-def markdown(result: dict, methods: list[str], scenarios: list[str], seeds: int, wall_s: float) -> str:
+def markdown(result: dict, methods: list[str], scenarios: list[str], seeds: int, wall_s: float,
+             preset: str = "gpt-bytes", lr: str = BASE_LR) -> str:
     t = result["table"]
     lines = ["# Spike benchmark", "",
-             f"gpt-bytes (4 layers, 128 wide, bytes of Shakespeare), {STEPS} steps, {seeds} seeds per cell; "
-             f"`make compare-spikes` ({wall_s / 60:.0f} min). Final validation loss in nats per byte, mean ± "
+             f"{PRESETS[preset]['about']}, {STEPS} steps at peak LR {lr}, {seeds} seeds per cell; "
+             f"`make compare-spikes`{f' ({wall_s / 60:.0f} min)' if wall_s is not None else ''}. Final validation loss in {PRESETS[preset]['unit']}, mean ± "
              "std over seeds; damage = final val loss minus the same method's and seed's run without "
              "injection.", "", "## Final validation loss", "",
              "| method | " + " | ".join(scenarios) + " |", "|---|" + "---:|" * len(scenarios)]
@@ -258,7 +298,8 @@ def markdown(result: dict, methods: list[str], scenarios: list[str], seeds: int,
     return "\n".join(lines) + "\n"
 
 
-def plots(result: dict, methods: list[str], scenarios: list[str], out: Path) -> list[Path]:
+def plots(result: dict, methods: list[str], scenarios: list[str], out: Path,
+          preset: str = "gpt-bytes") -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -272,8 +313,8 @@ def plots(result: dict, methods: list[str], scenarios: list[str], out: Path) -> 
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], label=m)
-        ax.set(title=f"validation loss, scenario: {scenario}", xlabel="step", ylabel="nats per byte")
-        ax.set_ylim(top=3.0)
+        ax.set(title=f"validation loss, scenario: {scenario}", xlabel="step", ylabel=PRESETS[preset]["unit"])
+        ax.set_ylim(top=PRESETS[preset]["plot_top"])
         ax.legend(fontsize=7)
         path = out / f"spike-curves-{scenario.replace(' ', '-')}.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -283,9 +324,9 @@ def plots(result: dict, methods: list[str], scenarios: list[str], out: Path) -> 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for m, by_lr in result["lr"].items():
             lrs = [lr for lr in LRS if by_lr.get(lr) is not None]
-            ax.plot([float(lr) for lr in lrs], [min(by_lr[lr], INIT_LOSS) for lr in lrs], marker="o", label=m)
+            ax.plot([float(lr) for lr in lrs], [min(by_lr[lr], PRESETS[preset]["init_loss"]) for lr in lrs], marker="o", label=m)
         ax.set(xscale="log", title="LR sensitivity: final val loss (no injection)", xlabel="peak LR",
-               ylabel="nats per byte")
+               ylabel=PRESETS[preset]["unit"])
         ax.legend(fontsize=7)
         path = out / "spike-lr-sensitivity.png"
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -304,10 +345,16 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", metavar="METHOD", help="a subset of the methods (names as in the tables)")
     p.add_argument("--scenarios", nargs="+", metavar="NAME", help="a subset of the scenarios")
     p.add_argument("--no-lr", action="store_true", help="leave out the LR sweep")
+    p.add_argument("--preset", choices=list(PRESETS), default="gpt-bytes",
+                   help="the model the grid runs on (default gpt-bytes)")
+    p.add_argument("--lr", default=BASE_LR, help=f"peak LR of the scenario runs (default the presets' {BASE_LR}); "
+                   "another value leaves out the LR sweep")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables and plots from the runs already in OUT; train nothing")
     p.add_argument("--gates", action="store_true", help="also the z-gate's published-window and median/MAD "
                    "statistics (SPAM_GATE_*), on the scenarios where the gate matters")
     args = p.parse_args(argv)
-    everything = {**METHODS, **GATE_METHODS}
+    everything = {**METHODS, **GATE_METHODS, **EXTRA_METHODS}
     unknown = [m for m in (args.only or []) if m not in everything]
     unknown += [s for s in (args.scenarios or []) if s not in SCENARIOS]
     if unknown:
@@ -319,17 +366,27 @@ def main(argv=None) -> int:
     scenarios = list(args.scenarios or SCENARIOS)
     if "none" not in scenarios:
         scenarios.insert(0, "none")  # damage is measured against it
-    specs = plan(methods, scenarios, args.seeds, lr_sweep=not args.no_lr)
+    try:
+        if not 0 < float(args.lr) <= 1:
+            raise ValueError
+    except ValueError:
+        print(f"error: --lr {args.lr!r} is not a learning rate in (0, 1]", file=sys.stderr)
+        return 2
+    specs = plan(methods, scenarios, args.seeds, lr_sweep=not args.no_lr, preset=args.preset, lr=args.lr)
 
-    from scripts.compare import compare_jobs
     started = time.perf_counter()
-    status = compare_jobs([(n, s, seed) for n, s, seed, _ in specs], out=args.out, parallel=args.jobs,
-                          common=list(COMMON), what="method x scenario",
-                          about="The spike benchmark (scripts/spike_bench.py): see spike-benchmark.md.")
-    result = summarise(specs, args.out)
+    status = 0
+    if not args.report_only:
+        from scripts.compare import compare_jobs
+        status = compare_jobs([(n, s, seed) for n, s, seed, _ in specs], out=args.out, parallel=args.jobs,
+                              common=list(COMMON), what="method x scenario",
+                              about="The spike benchmark (scripts/spike_bench.py): see spike-benchmark.md.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = summarise(specs, args.out, PRESETS[args.preset]["init_loss"])
     names = list(methods)
-    written = plots(result, names, scenarios, args.out)
-    text = markdown(result, names, scenarios, args.seeds, time.perf_counter() - started)
+    written = plots(result, names, scenarios, args.out, args.preset)
+    wall_s = None if args.report_only else time.perf_counter() - started
+    text = markdown(result, names, scenarios, args.seeds, wall_s, args.preset, args.lr)
     (args.out / "spike-benchmark.md").write_text(text)
     (args.out / "spike-benchmark.json").write_text(json.dumps(
         {k: v for k, v in result.items() if k != "curves"}, indent=1, default=str) + "\n")

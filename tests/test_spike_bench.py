@@ -26,9 +26,40 @@ def test_grid_covers_every_method_scenario_and_lr(monkeypatch):
     assert all(f"MIN_LR={float(s[3]['lr']) / 10:g}" in s[1] for s in lr)
     gates = sb.plan(sb.GATE_METHODS, list(sb.SCENARIOS), seeds=3, lr_sweep=True)
     assert len(gates) == 2 * len(sb.GATE_SCENARIOS) * 3  # no LR sweep, only where the gate matters
+    extra = sb.plan(sb.EXTRA_METHODS, list(sb.SCENARIOS), seeds=1, lr_sweep=False)
     monkeypatch.chdir(REPO)
-    for name, _, _, _ in specs + gates:  # every configuration names real presets and fragments
+    for name, _, _, _ in specs + gates + extra:  # every configuration names real presets and fragments
         parse_entry(name.split("/")[0])
+
+
+def test_the_grid_moves_to_the_bpe_model_and_to_another_lr(monkeypatch):
+    specs = sb.plan(sb.METHODS, ["none", "data outliers"], seeds=2, lr_sweep=True, preset="gpt2-tiny", lr="3e-3")
+    assert len(specs) == len(sb.METHODS) * 2 * 2  # no sweep away from the presets' LR
+    assert {name.split("+")[0] for name, *_ in specs} == {"gpt2-tiny", "gpt2-tiny-adamw"}
+    assert all("LR=3e-3" in sets and "MIN_LR=0.0003" in sets and what["lr"] == "3e-3"
+               for _, sets, _, what in specs)
+    monkeypatch.chdir(REPO)
+    for name, *_ in specs:
+        parse_entry(name)
+    assert sb.main(["--preset", "gpt2-tiny", "--only", "nonsense"]) == 2
+
+
+def test_damage_at_another_lr_is_against_the_clean_run_at_that_lr(tmp_path):
+    methods = {"AdamW": sb.METHODS["AdamW"]}
+    specs = sb.plan(methods, ["none", "data outliers"], seeds=1, lr_sweep=True, preset="gpt2-tiny", lr="3e-3")
+    for name, _, seed, what in specs:
+        final = 5.0 if what["scenario"] == "none" else 5.25
+        _run(tmp_path / name / f"seed{seed}", final, {600: final}, [{"clip/clipped_total": 0.0}])
+    result = sb.summarise(specs, tmp_path, sb.PRESETS["gpt2-tiny"]["init_loss"])
+    assert result["table"]["AdamW | data outliers"]["damage"][0] == pytest.approx(0.25)
+    assert result["lr"] == {}
+    text = sb.markdown(result, list(methods), ["none", "data outliers"], 1, 60.0, "gpt2-tiny", "3e-3")
+    assert "peak LR 3e-3" in text and "nats per token" in text
+    # --report-only renders the same tables from the finished runs, training nothing
+    assert sb.main(["--report-only", "--only", "AdamW", "--preset", "gpt2-tiny", "--lr", "3e-3", "--seeds", "1",
+                    "--scenarios", "data outliers", "--out", str(tmp_path)]) == 0
+    written = (tmp_path / "spike-benchmark.md").read_text()
+    assert "| AdamW | +0.250 |" in written and "min)" not in written
 
 
 def test_spikes_land_inside_the_run_after_the_grace_period_and_inside_one_gate_window():
