@@ -38,6 +38,20 @@ the same probe batch in on_probe (a collective: every rank must call it);
 the spread of their losses is exactly 0 while the replicas agree, and the
 cosine of their gradients of that batch is 1.
 
+Sharded models (FSDP2: every parameter a DTensor, each rank holding a block
+of rows): every metric reduces over the ranks (monitor.sharded) so that all
+ranks hold, and the guard decides on, what one process would: per-tensor
+gradient norms and the step's mean loss come from one packed all-reduce per
+step (no extra host read), the element-wise GSS max and p99.9 from one
+all-gather of candidates at its interval (exact), update ratios and
+parameter std from float64 sums, the weight spectra from each matrix
+gathered whole at their interval, and the probe metrics from an unsharded
+replica that exists only during on_probe (build_unsharded=). GSNR is taken
+over the probe's examples (FSDP shows no micro-batch gradients) and the
+cross-process check does not run (there are no replicas to compare). In
+any distributed run the guard's loss signal and the collapse residual read
+the loss averaged over the ranks.
+
 Pass the unwrapped model (not the DDP wrapper or torch.compile's module):
 parameter names are the plain named_parameters() names, and the probes use
 the GPT API (transformer, lm_head, attention_probs(idx), residual_stream(idx);
@@ -53,6 +67,7 @@ import torch.nn as nn
 
 from monitor import metrics as M
 from monitor import probe_grads as PG
+from monitor import sharded as SH
 from monitor import spectral as S
 from monitor.guard import Decision
 from monitor.param_classes import parameter_classes
@@ -73,7 +88,7 @@ GSNR_EXAMPLES_MAX_ELEMENTS = 1 << 22
 
 class HealthMonitor:
     def __init__(self, cfg, model: nn.Module, optimizer=None, *, is_distributed: bool = False,
-                 decode=None, grad_spectra_param: str = None):
+                 decode=None, grad_spectra_param: str = None, build_unsharded=None):
         """cfg: typed settings (MONITOR_* symbols, GRAD_ACCUM_STEPS).
 
         decode: optional token ids -> str, used to give the zlib probe the
@@ -81,15 +96,25 @@ class HealthMonitor:
         (as int32 bytes), a cruder proxy. grad_spectra_param: the parameter
         whose per-sample gradients are analysed; default the middle
         Linear/Conv weight in registration order, embeddings excluded.
+        build_unsharded: for a model sharded with FSDP2 and probe metrics on,
+        a function that builds the same architecture unsharded (the probes
+        run on such a replica holding the gathered weights).
         """
         self.model = model
         self.optimizer = optimizer
         self.is_distributed = is_distributed
         self.decode = decode
+        self.build_unsharded = build_unsharded
         self.every = read_intervals(cfg)
         self.grad_accum = cfg.GRAD_ACCUM_STEPS
-        # micro-batches whose own gradient is visible (under DDP the last one is averaged)
-        usable = self.grad_accum - (1 if is_distributed else 0)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # FSDP2: parameters are DTensors, each rank holding a block (see monitor.sharded)
+        self.shard_group = SH.shard_group([p for _, p in named])
+        self.sharded = self.shard_group is not None
+        # micro-batches whose own gradient is visible: under DDP the last one is averaged;
+        # under FSDP none (the micro-batches of a step accumulate unsharded inside FSDP and
+        # only their reduce-scattered sum reaches .grad), so GSNR is taken over examples
+        usable = 0 if self.sharded else self.grad_accum - (1 if is_distributed else 0)
         self.gsnr_estimate = "micro" if usable >= 2 else "examples"
         if self.gsnr_estimate == "examples" and self.every["gsnr"] > 0 and cfg.MODEL_GPT2 \
                 and cfg.MONITOR_PROBE_BATCH < 2:
@@ -97,7 +122,6 @@ class HealthMonitor:
                              f"{self.grad_accum} estimates GSNR over the probe batch's examples, which needs "
                              f"MONITOR_PROBE_BATCH >= 2 (it is {cfg.MONITOR_PROBE_BATCH})")
 
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         # Per-tensor values are logged for weight matrices only: biases and norm gains
@@ -119,6 +143,11 @@ class HealthMonitor:
         self._loss_steps, self._loss_values = [], []  # collapse-residual history (host)
         self._loss_pending = []  # (step, 0-dim loss tensor) not yet copied to the host
         self._losses_since_fit = 0
+        self._mean_loss = None  # (step, the step's loss averaged over the ranks), distributed runs
+        probes_on = any(self.every[m] > 0 for m in PROBE_METRICS) or (
+            self.gsnr_estimate == "examples" and self.every["gsnr"] > 0)
+        if self.sharded and probes_on and build_unsharded is None:
+            raise ValueError("the probe metrics of a sharded (FSDP2) model need build_unsharded=")
 
     def _due(self, metric: str, step: int) -> bool:
         every = self.every[metric]
@@ -192,15 +221,14 @@ class HealthMonitor:
         """
         self._gsnr_finish(step)
         if self._due("update_ratio", step):
-            self._snapshot = (step, [p.detach().clone() for p in self.params])
+            self._snapshot = (step, [SH.local(p).detach().clone() for p in self.params])
         log_norms = self._due("grad_norm", step)
         if self._due("gss_elementwise", step):
             self._put_elementwise_gss()
-        if not (log_norms or self.track_gss):
-            return Decision()
-
         grads = [p.grad for p in self.params]
-        norms = M.per_tensor_grad_norms(grads)
+        norms, loss = self._norms_and_loss(step, grads, loss, log_norms or self.track_gss)
+        if norms is None:
+            return Decision()
         total = torch.linalg.vector_norm(norms) if grad_norm is None else grad_norm.detach().float()
         if log_norms:
             self._put("grad_norm/global", total)
@@ -217,14 +245,43 @@ class HealthMonitor:
             self.gss.accept(norms, total)
             return Decision()
         decision, loss_fired = self._judge(step, gss, gss_global, norms, loss)
-        if decision.action == "clip":
-            norms = norms * M.spike_clip_(grads, gss, self.guard.tau)
+        if decision.action == "clip":  # on the local blocks: every rank scales its own
+            blocks = [None if g is None else SH.local(g) for g in grads]
+            norms = norms * M.spike_clip_(blocks, gss, self.guard.tau)
             total = torch.linalg.vector_norm(norms)
         if decision.action != "skip":  # a blocked spike must not raise the baseline
             self.gss.accept(norms, total)
         if self.loss_window is not None and decision.action != "skip" and not loss_fired:
             self.loss_window.record(loss)  # a loss spike stays out of the window it is judged by
         return decision
+
+    def _norms_and_loss(self, step, grads, loss, want_norms):
+        """(per-tensor gradient norms (n,) or None when not wanted, the loss to judge).
+
+        Every rank must judge the same numbers: in a distributed run the loss is the mean
+        over the ranks (what one process training the whole batch sees), kept for the
+        collapse-residual history too. Under FSDP the norms come from the ranks' blocks and
+        the loss rides in the same packed all-reduce; under DDP the gradients are already
+        the same everywhere and the loss costs one scalar all-reduce, only when the guard's
+        loss signal or the collapse residual reads it.
+        """
+        wants_loss = loss is not None and (self.loss_window is not None or self.every["collapse"] > 0)
+        local_loss = loss if wants_loss and self.is_distributed else None
+        norms = None
+        if want_norms and self.sharded:
+            norms, mean = SH.grad_norms_and_loss(grads, local_loss, self.shard_group, self._device())
+        else:
+            if want_norms:
+                norms = M.per_tensor_grad_norms(grads)
+            mean = None
+            if local_loss is not None:
+                mean = local_loss.detach().float().clone()
+                torch.distributed.all_reduce(mean, group=self.shard_group)
+                mean /= torch.distributed.get_world_size(self.shard_group)
+        if mean is not None:
+            self._mean_loss = (step, mean)
+            loss = mean
+        return norms, loss
 
     def _judge(self, step, gss, gss_global, norms, loss):
         """The guard's verdict, from one host read of its signals; (Decision, loss signal fired)."""
@@ -258,14 +315,21 @@ class HealthMonitor:
     def _put_elementwise_gss(self):
         """|g| / (sqrt(v_hat) + eps) against the optimizer's second moment: the maximum over all
         parameters, and per parameter class the maximum and the p99.9 (metrics.upper_quantile)."""
-        per_class = {}
+        per_class, sizes = {}, {}
         for p, ratios in self._elementwise_gss_ratios():
-            per_class.setdefault(self.param_class.get(id(p), "other"), []).append(ratios)
+            cls = self.param_class.get(id(p), "other")
+            per_class.setdefault(cls, []).append(ratios)
+            sizes[cls] = sizes.get(cls, 0) + p.numel()  # the whole tensor's size, also when sharded
+        if self.sharded and per_class:  # this rank holds blocks: max and p99.9 over all ranks
+            summary = SH.upper_quantiles(per_class, sizes, self.shard_group, M.TOP_FRACTION)
+        else:
+            summary = {cls: (torch.stack([r.max() for r in parts]).max(), M.upper_quantile_of_parts(parts))
+                       for cls, parts in per_class.items()}
         maxima = []
-        for cls, parts in per_class.items():
-            maxima.append(torch.stack([r.max() for r in parts]).max())
-            self._put(f"gss_elem/{cls}/max", maxima[-1])
-            self._put(f"gss_elem/{cls}/p999", M.upper_quantile_of_parts(parts))
+        for cls, (top, quantile) in summary.items():
+            maxima.append(top)
+            self._put(f"gss_elem/{cls}/max", top)
+            self._put(f"gss_elem/{cls}/p999", quantile)
         if maxima:
             self._put("gss/elementwise_max", torch.stack(maxima).max())
 
@@ -280,7 +344,7 @@ class HealthMonitor:
                 v = state.get("exp_avg_sq")
                 if p.grad is None or v is None:
                     continue
-                g = p.grad
+                g, v = SH.local(p.grad), SH.local(v)  # FSDP: this rank's block (moments are per block)
                 if v.shape != g.shape:
                     # AdamWSpam's sparse momentum keeps compact 1-D moments for a subset of
                     # the elements; it says which through moment_index(p).
@@ -298,12 +362,18 @@ class HealthMonitor:
         loss: this step's training loss, the mean over its micro-batches
         (tensor or float; a tensor is not read until a fit needs it)."""
         if self._snapshot is not None and self._snapshot[0] == step:
-            per_tensor, total = M.update_ratios(self._snapshot[1], [p.detach() for p in self.params])
+            after = [SH.local(p).detach() for p in self.params]
+            if self.sharded:
+                per_tensor, total = SH.update_ratios(self._snapshot[1], after, self.shard_group)
+            else:
+                per_tensor, total = M.update_ratios(self._snapshot[1], after)
             self._put("update_ratio/global", total)
             self._put_per_matrix("update_ratio", per_tensor)
         self._snapshot = None
 
         if self.every["collapse"] > 0:
+            if self._mean_loss is not None and self._mean_loss[0] == step:
+                loss = self._mean_loss[1]  # distributed: the mean over the ranks (before_step)
             self._loss_pending.append((step, loss.detach().float() if torch.is_tensor(loss) else float(loss)))
             self._losses_since_fit += 1
             if self._due("collapse", step):
@@ -333,11 +403,13 @@ class HealthMonitor:
 
     @torch.no_grad()
     def _weight_spectra(self):
-        for name, p in zip(self.names, self.params):
-            self._put(f"param_std/{name}", M.param_std(p))
+        stds = SH.param_stds(self.params, self.shard_group) if self.sharded else None
+        for i, (name, p) in enumerate(zip(self.names, self.params)):
+            self._put(f"param_std/{name}", stds[i] if self.sharded else M.param_std(p))
             if p.dim() < 2:
                 continue
-            sv = M.singular_values(p)
+            # FSDP: gather this one matrix whole (every rank, a collective), then drop it
+            sv = M.singular_values(p.full_tensor() if SH.is_sharded(p) else p)
             self._put(f"singular_entropy/{name}", M.singular_entropy(sv))
             self._put(f"spectral_radius/{name}", M.spectral_radius(sv))
             alpha, _, _ = M.powerlaw_alpha((sv.double() ** 2).cpu().numpy())
@@ -350,8 +422,8 @@ class HealthMonitor:
         due = [m for m in PROBE_METRICS if main and self._due(m, step)]
         if main and self.gsnr_estimate == "examples" and self._due("gsnr", step):
             due.append("gsnr_examples")
-        if self.is_distributed and self._due("ddp", step):
-            due.append("ddp")  # a collective: due on every process
+        if self.is_distributed and not self.sharded and self._due("ddp", step):
+            due.append("ddp")  # a collective: due on every process (FSDP has no replicas to compare)
         return due
 
     def wants_probe(self, step: int, main: bool = True) -> bool:
@@ -370,6 +442,9 @@ class HealthMonitor:
         torch.func and leave .grad alone) and restores the model's mode.
         main: this process logs; the others (DDP) only join the collective
         cross-process check, which must run on every process at its interval.
+        A sharded (FSDP2) model: call it with main=True on every process; each
+        gathers the weights into an unsharded replica (a collective) and runs
+        the probes on it, then drops it.
         """
         due = self._probe_due(step, main)
         if not due:
@@ -378,51 +453,52 @@ class HealthMonitor:
             probe_batch = (probe_batch[:, :-1], probe_batch[:, 1:])
         x, y = (t.contiguous() for t in probe_batch)
         is_lm = not x.is_floating_point()
-        was_training = self.model.training
-        self.model.eval()
+        model = SH.unsharded_replica(self.model, self.build_unsharded) if self.sharded else self.model
+        was_training = model.training
+        model.eval()
         try:
             if "ddp" in due:
                 self._cross_process_check(x, y)
             if "gsnr_examples" in due:
                 covered = [i for i in self.matrices if self.params[i].numel() <= GSNR_EXAMPLES_MAX_ELEMENTS]
                 names = [self.names[i] for i in covered]
-                grads = PG.per_example_grads(self.model, names, x, y)
+                grads = PG.per_example_grads(model, names, x, y)
                 self._put_gsnr("gsnr_examples", [PG.gsnr_from_examples(grads[n]) for n in names], covered)
             with torch.no_grad():
-                if "attn_entropy" in due and hasattr(self.model, "attention_probs"):
-                    for layer, probs in enumerate(self.model.attention_probs(x)):
+                if "attn_entropy" in due and hasattr(model, "attention_probs"):
+                    for layer, probs in enumerate(model.attention_probs(x)):
                         per_head = M.attention_entropy(probs)
                         self._put(f"attn_entropy/L{layer}", per_head.mean())
                         for head, h in enumerate(per_head.unbind()):
                             self._put(f"attn_entropy/L{layer}.H{head}", h)
-                if "act_spectra" in due and hasattr(self.model, "residual_stream"):
-                    for layer, acts in enumerate(self.model.residual_stream(x)):
+                if "act_spectra" in due and hasattr(model, "residual_stream"):
+                    for layer, acts in enumerate(model.residual_stream(x)):
                         eigs = S.activation_covariance_spectrum(acts)
                         self._put(f"act_spectrum/L{layer}/top{ACT_HEAD_K}_mass", S.head_mass(eigs, ACT_HEAD_K))
                         self._put(f"act_spectrum/L{layer}/tail_exponent", S.tail_exponent(eigs))
                 if is_lm and "token_entropy" in due:
-                    self._put("token_entropy", M.token_entropy(M._lm_logits(self.model, x)))
+                    self._put("token_entropy", M.token_entropy(M._lm_logits(model, x)))
                 if is_lm and "codec" in due and x.size(1) >= 4:
                     half = x.size(1) // 2
                     # Context for row k: the first half of another probe row (same corpus, other text).
-                    scores = M.codec_score(self.model, x[:, half:], x.roll(1, dims=0)[:, :half])
+                    scores = M.codec_score(model, x[:, half:], x.roll(1, dims=0)[:, :half])
                     for k, v in scores.items():
                         self._put(f"codec/{k}", v)
                 if is_lm and "zlib" in due:
-                    z = M.zlib_perplexity_ratio(self.model, x, [self._sample_bytes(row) for row in x])
+                    z = M.zlib_perplexity_ratio(model, x, [self._sample_bytes(row) for row in x])
                     self._put("zlib/ratio_mean", float(np.mean(z["ratio"])))
                     self._put("zlib/ratio_min", float(np.min(z["ratio"])))
                     self._put("zlib/log_ppl_mean", float(np.mean(z["log_ppl"])))
                     self._put("zlib/bits_per_byte_mean", float(np.mean(z["zlib"])))
             if "grad_spectra" in due and self.grad_spectra_param is not None:
                 loss_fn = None if is_lm else S.cross_entropy_loss
-                grads = S.per_sample_grads(self.model, self.grad_spectra_param, x, y, loss_fn)
+                grads = S.per_sample_grads(model, self.grad_spectra_param, x, y, loss_fn)
                 summary = S.spectrum_summary(S.gradient_spectrum(grads), GRAD_HEAD_K)
                 self._put(f"grad_spectrum/top{GRAD_HEAD_K}_mass", summary["top_k_mass"])
                 self._put("grad_spectrum/effective_rank", summary["effective_rank"])
                 self._put("grad_spectrum/sigma_max", summary["sigma_max"])
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
 
     def _cross_process_check(self, x, y):
         """Every process evaluates the same probe batch with its own weights: the population std
@@ -488,5 +564,5 @@ class HealthMonitor:
             self.gss.load_state_dict(state["gss"], device=self._device())
         self._loss_steps, self._loss_values = list(state["loss_steps"]), list(state["loss_values"])
         self._losses_since_fit = state["losses_since_fit"]
-        self._loss_pending, self._snapshot, self._gsnr = [], None, None
+        self._loss_pending, self._snapshot, self._gsnr, self._mean_loss = [], None, None, None
 

@@ -89,10 +89,10 @@ def test_a_gpu_preset_checks_on_random_batches_of_its_shape(tmp_path, capsys):
 
 
 def test_configurations_that_cannot_run_stop_with_one_line(tmp_path, capsys):
-    fsdp = make_settings(tmp_path / "fsdp", "gpt2-tiny", DEVICE_CPU="y", FSDP="y")
+    fsdp = make_settings(tmp_path / "fsdp", "gpt2-tiny", DEVICE_CPU="y", FSDP="y", OPTIM_STABLE_SPAM="y")
     assert preflight.main(["--settings", str(fsdp)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: FSDP=y works with OPTIM_ADAMW_SPAM, OPTIM_ADAMW or OPTIM_SGD and MONITOR=n")
+    assert err.startswith("error: FSDP=y works with OPTIM_ADAMW_SPAM, OPTIM_ADAMW or OPTIM_SGD; Stable-SPAM")
     assert "\n" not in err
 
     missing = make_settings(tmp_path / "data", "gpt2-tiny", DEVICE_CPU="y",

@@ -29,16 +29,18 @@ class TrainerMonitor:
     def __init__(self, cfg, model, optimizer, family, info, runlog, probe_on_all_ranks=False):
         from monitor.monitor import HealthMonitor
         encoding = getattr(family, "encoding", None)
+        # build_unsharded: under FSDP the probe metrics run on an unsharded replica of the model
         self.health = HealthMonitor(cfg, model, optimizer, is_distributed=info.enabled,
-                                    decode=encoding.decode if encoding is not None else None)
+                                    decode=encoding.decode if encoding is not None else None,
+                                    build_unsharded=family.build_model)
         self.family, self.info, self.runlog = family, info, runlog
         self.rollback_warmup = cfg.MONITOR_ROLLBACK_WARMUP
         self.warmup_from = None  # step of the last rollback, while its warmup runs
         self.spikes = 0
         self.rollbacks = 0
         self._probe = None
-        # Probe metrics are rank-0 work, except under FSDP where every forward pass is
-        # collective. The cross-process check (DDP) is due on every rank at its interval:
+        # Probe metrics are rank-0 work, except under FSDP where every rank joins the gathering
+        # of the weights for them. The cross-process check (DDP) is due on every rank at its interval:
         # all ranks evaluate the same probe batch (family.probe_batch is a fixed, seeded
         # held-out batch, identical on every rank), so their losses and gradients compare.
         self.probe_main = info.is_main or probe_on_all_ranks
