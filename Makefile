@@ -60,7 +60,7 @@ help:
 	@$(HELP_LINE) data-filter 'Corpus without the documents behind gradient spikes: make data-filter RUN=runs/<name> [OUT= MIN_SPIKES=]'
 	@$(HELP_LINE) verify-data 'Check every file of the configured token corpus: size, sha256, token ids'
 	@$(HELP_LINE) bench 'Run the benchmarks'
-	@$(HELP_LINE) test 'Run the test suite'
+	@$(HELP_LINE) test 'Run the test suite (TEST_JOBS=2 worker processes; 0: one process)'
 	@echo 'Housekeeping:'
 	@$(HELP_LINE) deps 'Create $(VENV) and install the pinned dependencies of pyproject.toml'
 	@$(HELP_LINE) clean 'Remove generated files ($(dir $(SETTINGS)), Python caches)'
@@ -187,8 +187,13 @@ verify-data: $(SETTINGS) | $(DEPS_STAMP)
 bench: | $(DEPS_STAMP)
 	@$(PY) -m scripts.bench
 
+# Worker processes for the suite (pytest-xdist); most tests wait on training
+# subprocesses of one thread each, so 2 workers use both cores of a 2-core CI
+# machine. TEST_JOBS=0 runs the tests one after another in one process.
+TEST_JOBS ?= 2
+
 test: | $(DEPS_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) tests
 
 # ---------------------------------------------------------------------------
 # Housekeeping (runs/ and data_cache/ hold results and downloads: never removed)

@@ -133,6 +133,7 @@ def test_tool_targets_run_the_documented_commands(tree, make, venv):
     assert dry("train", "NPROC=1") == py + " -m train"
     assert dry("train", "NPROC=4") == py + " -m torch.distributed.run --standalone --nproc_per_node=4 -m train"
     assert dry("sample").endswith(py + " -m train.sample")
-    assert dry("test") == py + " -m pytest -q tests"
+    assert dry("test") == py + " -m pytest -q -n 2 tests"
+    assert dry("test", "TEST_JOBS=0") == py + " -m pytest -q -n 0 tests"
     assert dry("bench").endswith(py + " -m scripts.bench")
     assert dry("report", "RUN=runs/x").endswith(py + " -m monitor.report runs/x")

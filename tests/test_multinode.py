@@ -8,6 +8,8 @@ to start; a rank killed mid-run must stop the others with a clear message and
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -93,3 +95,37 @@ def test_a_killed_rank_stops_the_others_and_the_nodes_resume(tmp_path, single_no
     assert "from ckpt_000000004.pt" in results[0][1]
     # exactly the training of a run that was never interrupted
     assert [x["loss"] for x in metrics(run)] == [x["loss"] for x in metrics(single_node)]
+
+
+def test_a_hung_rank_stops_the_others_after_dist_timeout(tmp_path):
+    # A rank that stops answering without dying (SIGSTOP: its connections stay open)
+    # is noticed only by the collective's timeout, DIST_TIMEOUT_S; without it the
+    # other ranks would wait forever.
+    timeout_s = 10
+    nodes = [make_settings(tmp_path / f"n{i}", **{**COMMON, "MAX_ITERS": 400, "CKPT_INTERVAL": 0},
+                           DIST_TIMEOUT_S=timeout_s) for i in range(2)]
+    port = _free_port()
+    procs = [subprocess.Popen(_node_cmd(s, i, port), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i, s in enumerate(nodes)]
+    log = tmp_path / "n0" / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+            assert procs[0].poll() is None, procs[0].stdout.read()
+            time.sleep(0.05)
+        rank_1 = int(subprocess.run(["pgrep", "-P", str(procs[1].pid)], capture_output=True,
+                                    text=True).stdout.split()[0])  # node 1's torchrun runs rank 1
+        os.kill(rank_1, signal.SIGSTOP)
+        stopped = time.monotonic()
+        rc = procs[0].wait(timeout=timeout_s + 60)
+        waited = time.monotonic() - stopped
+        output = procs[0].stdout.read()
+    finally:
+        for p in procs:
+            for child in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split():
+                os.kill(int(child), signal.SIGKILL)
+            p.kill()
+            p.wait()
+    assert rc != 0
+    assert timeout_s - 1 <= waited <= timeout_s + 12, waited  # the timeout, not a closed connection
+    assert f"another rank died or hung (DIST_TIMEOUT_S={timeout_s})" in output, output[-2000:]
