@@ -52,6 +52,7 @@ def test_presets_hold_what_they_promise(kconf):
     assert (v["GPT2_124M"], v["DATA_FINEWEB_EDU"], v["OPTIM_ADAMW_SPAM"], v["DTYPE_BF16"], v["COMPILE"]) == ("y",) * 5
     assert (v["BATCH_SIZE"], v["GRAD_ACCUM_STEPS"], v["MAX_ITERS"], v["LR_WARMUP_ITERS"]) == ("16", "32", "19073", "715")
     assert (v["LR"], v["MIN_LR"], v["WEIGHT_DECAY"], v["OUT_DIR"]) == ("6e-4", "6e-5", "0.1", "runs/gpt2")
+    assert v["GRAD_CLIP"] == "1.0"  # nanoGPT's GPT-2 124M clips at 1.0 too
     assert (v["EVAL_INTERVAL"], v["EVAL_BATCHES"], v["CKPT_INTERVAL"]) == ("250", "20", "1000")
     # the seed's recommended SPAM settings
     assert (v["SPAM_ENABLE_CLIP"], v["SPAM_PERIODIC_RESET"], v["SPAM_WARMUP"]) == ("y", "y", "y")
@@ -63,11 +64,15 @@ def test_presets_hold_what_they_promise(kconf):
     assert (v["BATCH_SIZE"], v["LR"], v["MIN_LR"], v["LR_WARMUP_ITERS"], v["BETA2"]) == ("12", "1e-3", "1e-4", "50", "0.99")
     assert (v["EVAL_INTERVAL"], v["EVAL_BATCHES"], v["CKPT_INTERVAL"]) == ("100", "10", "100")
     assert (v["SPAM_INTERVAL"], v["SPAM_WARMUP_STEPS"], v["OUT_DIR"]) == ("200", "20", "runs/gpt2-tiny")
+    # global-norm clipping at 1.0 in front of the optimizer: best or tied-best in every
+    # scenario of the spike benchmark (docs/spike-experiment.md)
+    assert (v["CLIP_NORM"], v["GRAD_CLIP"]) == ("y", "1.0")
     tiny = v
 
     v = values("gpt2-tiny-adamw")
     assert v["OPTIM_ADAMW"] == "y" and v["OUT_DIR"] == "runs/gpt2-tiny-adamw" and "SPAM_THETA" not in v
-    assert all(v[k] == tiny[k] for k in ("MAX_ITERS", "LR", "MIN_LR", "BETA2", "BATCH_SIZE", "EVAL_INTERVAL"))
+    assert all(v[k] == tiny[k] for k in ("MAX_ITERS", "LR", "MIN_LR", "BETA2", "BATCH_SIZE", "EVAL_INTERVAL",
+                                         "GRAD_CLIP"))
 
     # the default run: a byte-level GPT at nanoGPT's shakespeare_char CPU shape, sized for 5 minutes
     v = values("gpt-bytes")
@@ -75,6 +80,7 @@ def test_presets_hold_what_they_promise(kconf):
     assert (v["GPT2_N_LAYER"], v["GPT2_N_HEAD"], v["GPT2_N_EMBD"], v["GPT2_BLOCK_SIZE"]) == ("4", "4", "128", "128")
     assert (v["BATCH_SIZE"], v["LR"], v["MIN_LR"], v["BETA2"], v["GPT2_DROPOUT"]) == ("16", "1e-3", "1e-4", "0.99", "0.0")
     assert (v["MAX_ITERS"], v["OUT_DIR"], v["TOKENIZER_GPT2"], v["DTYPE_FP32"]) == ("3000", "runs/gpt-bytes", "n", "y")
+    assert v["GRAD_CLIP"] == "1.0"
     byte_spam = v
     v = values("gpt-bytes-adamw")
     assert v["OPTIM_ADAMW"] == "y" and v["OUT_DIR"] == "runs/gpt-bytes-adamw" and "SPAM_THETA" not in v

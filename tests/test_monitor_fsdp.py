@@ -87,8 +87,9 @@ INTERVALS = {f"MONITOR_{m}_INTERVAL": n for m, n in (
     ("WEIGHT_SPECTRA", 4), ("COLLAPSE_RESIDUAL", 1), ("ATTN_ENTROPY", 4), ("TOKEN_ENTROPY", 4),
     ("ACT_SPECTRA", 4), ("GRAD_SPECTRA", 4), ("CODEC", 4), ("ZLIB", 4))}
 # Two spikes the guard clips (on each rank's blocks), sparse momentum so that the element-wise
-# GSS reads compact moments, one micro-batch so that GSNR runs over the probe's examples.
-MONITORED = dict(MAX_ITERS=11, CKPT_INTERVAL=0, MONITOR="y", GRAD_ACCUM_STEPS=1, MONITOR_PROBE_BATCH=4,
+# GSS reads compact moments, one micro-batch so that GSNR runs over the probe's examples. No
+# global clip (GRAD_CLIP=0): it scales by 1/norm, and the trainers' norms differ (TRAINER_NORM).
+MONITORED = dict(MAX_ITERS=11, CKPT_INTERVAL=0, MONITOR="y", GRAD_ACCUM_STEPS=1, MONITOR_PROBE_BATCH=4, GRAD_CLIP="0.0",
                  SPAM_DENSITY="0.25", FAULT_INJECTION="y", FAULT_SPIKE_STEPS="7,10", MONITOR_SPIKE_GUARD="y",
                  MONITOR_SPIKE_ACTION_CLIP="y", MONITOR_SPIKE_CLUSTER_K=10, **INTERVALS)
 # Differences of two losses of about 10 (equal between the layouts to float32 rounding, 1e-6):

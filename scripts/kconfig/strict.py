@@ -351,6 +351,8 @@ def _verify(kconf, layers, check_from):
                                           a.name, a.line, "exactly one of {} set to y".format(
                                               ", ".join(s.name for s in sym.choice.syms)))
                     continue  # a later file chose another member: later assignments win
+            if _turned_off_later(sym, layers[i + 1:]):
+                continue  # e.g. a preset's GRAD_CLIP under a fragment that chooses ZClip
             _check_taken(sym, a)
 
     _check_strings(kconf, layers, effective)
@@ -380,6 +382,21 @@ def _prompt_condition(sym):
 
 def _current(sym):
     return sym.str_value if sym.orig_type not in (BOOL, TRISTATE) else kconfiglib.TRI_TO_STR[sym.tri_value]
+
+
+def _turned_off_later(sym, later_layers) -> bool:
+    """A setting of an earlier file whose dependency a later file turned off: the later
+    file wins, as in the kernel's merge of fragments, and the setting is dropped. The
+    dependency must be unmet and name a symbol that a later file set (or a member of
+    that symbol's choice, since choosing another member turns it off)."""
+    if sym.config_string or expr_value(sym.direct_dep) or not later_layers:
+        return False
+    later = {a.name for layer in later_layers for a in layer.assignments}
+    for dep in kconfiglib.expr_items(sym.direct_dep):
+        names = {dep.name} | ({m.name for m in dep.choice.syms} if getattr(dep, "choice", None) else set())
+        if names & later:
+            return True
+    return False
 
 
 def _check_taken(sym, a):
