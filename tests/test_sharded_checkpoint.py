@@ -173,6 +173,21 @@ def test_a_full_disk_during_a_sharded_write_is_one_line_and_keeps_the_previous(t
     assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt_000000001").iterdir()} == before
 
 
+def test_shards_that_miss_rank_0s_folder_are_refused_at_the_write(tmp_path, monkeypatch):
+    # nodes without a shared filesystem: another rank's file lands in its own OUT_DIR
+    model, opt = _trained("spam")
+    real_save = sharded_checkpoint.dcp.save
+
+    def elsewhere(tensors, storage_writer, **kw):
+        real_save(tensors, storage_writer=storage_writer, **kw)
+        (storage_writer.fs.concat_path(storage_writer.path, "__0_0.distcp")).unlink()
+    monkeypatch.setattr(sharded_checkpoint.dcp, "save", elsewhere)
+    with pytest.raises(CheckpointWriteError, match=r"__0_0.distcp is missing: every rank must write to the same "
+                                                   r"folder \(OUT_DIR on a filesystem that all nodes share\)"):
+        _save(model, opt, tmp_path, 1)
+    assert list(tmp_path.iterdir()) == []
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
@@ -265,14 +280,14 @@ ckpts = folder / "checkpoints"
 
 def built(cfg, sharded=True):
     torch.manual_seed(0)
-    model = build_gpt2(cfg, vocab_size=96)
+    model = build_gpt2(cfg, vocab_size=95)
     if sharded:
         shard_model(model)
     return model, build_optimizer(cfg, model)
 
 def train(model, opt, steps, seed=rank):  # each rank its own rows, as in training
     for i in steps:
-        tokens = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(100 * i + seed))
+        tokens = torch.randint(0, 95, (2, 32), generator=torch.Generator().manual_seed(100 * i + seed))
         model(tokens, tokens)[1].backward()
         opt.step()
         opt.zero_grad()
@@ -297,6 +312,7 @@ train(model, opt, range(3))  # a reset at 2: masks redrawn
 save(3)
 weights, state = whole(model), local_state(opt)
 assert any("mask_offsets" in s for s in state)
+assert model.transformer.h[0].attn.c_attn.weight.to_local().shape[0] == (50 if rank == 0 else 49)
 
 # a fresh sharded model and optimizer read their blocks: exactly what was written
 fresh, fresh_opt = built(spam)
@@ -352,8 +368,10 @@ dist.destroy_process_group()
 
 
 def test_two_ranks_write_read_roll_back_and_stop_together_on_a_full_disk(tmp_path):
-    spam = settings_in_process("gpt2-tiny", SPAM_DENSITY="0.25", SPAM_INTERVAL=2, SPAM_WARMUP_STEPS=1,
-                               SPAM_CLIP_GRACE_STEPS=1)
+    # 33 wide, 3 heads and a vocabulary of 95: odd numbers of rows, so the two ranks' blocks
+    # differ in size (FSDP2 pads nothing on disk: the blocks must meet exactly)
+    spam = settings_in_process("gpt2-tiny", GPT2_N_EMBD=33, GPT2_N_HEAD=3, SPAM_DENSITY="0.25", SPAM_INTERVAL=2,
+                               SPAM_WARMUP_STEPS=1, SPAM_CLIP_GRACE_STEPS=1)
     adamw = settings_in_process("gpt2-tiny-adamw")
     (tmp_path / "settings.json").write_text(json.dumps([spam.as_dict(), adamw.as_dict()]))
     logs = [(tmp_path / f"out{rank}", tmp_path / f"err{rank}") for rank in (0, 1)]
