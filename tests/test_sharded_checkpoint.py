@@ -257,7 +257,8 @@ def test_resume_may_change_batch_size_only_with_the_global_batch():
     assert schema.settings_diff(saved, run(1, BATCH_SIZE=8).cfg.as_dict(), ignore=schema.GLOBAL_BATCH_FACTORS) == []
 
 
-# Two ranks of a real gloo group: write, read into shards, roll back, fail on one rank.
+# Two ranks of a real gloo group: write, read into shards, roll back, fail on one rank;
+# AdamWSpam (odd block sizes) and AdamW.
 TWO_RANKS = r"""
 import json, sys, types
 from pathlib import Path
@@ -353,6 +354,20 @@ except CheckpointWriteError as e:
     print(f"rank {rank} stopped: {e.code}")
 dist.barrier()
 assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt_000000003"]
+if rank == 1:
+    del sharded_checkpoint.open  # the disk has room again
+
+# AdamW: torch's own sharded optimizer state, written by the shards and read back into new ones
+model, opt = built(adamw)
+train(model, opt, [0, 1])
+save(5)
+fresh, fresh_opt = built(adamw)
+found, path = load_latest_checkpoint(ckpts, log=print)
+assert path.name == "ckpt_000000005"
+restore_training_state(fresh, fresh_opt, True, found, path)
+for p, q in zip(model.parameters(), fresh.parameters()):
+    assert torch.equal(p.full_tensor(), q.full_tensor())
+    assert all(torch.equal(opt.state[p][k], fresh_opt.state[q][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
 
 # a whole-tensor (one-process) AdamW state into a sharded AdamW: each rank its blocks
 plain, plain_opt = built(adamw, sharded=False)
