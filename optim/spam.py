@@ -49,8 +49,8 @@ that an fp16 GradScaler skips never reaches step(), so nothing advances):
    rank's local block; the gate's norm, the clipped counts and the masks are
    made whole-model quantities across the ranks, and full_state_dict() /
    load_full_state_dict() convert to and from one process's state, so that
-   a sharded run trains and checkpoints as one process would
-   (optim/spam_shard.py).
+   a sharded run trains as one process would (optim/spam_shard.py); sharded
+   checkpoints hold the layout-independent form of optim/spam_dcp.py.
 
 Defects of other public implementations that this one avoids (see the
 reference for details):

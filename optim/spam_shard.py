@@ -16,10 +16,10 @@ does:
   (mask_part), so the union over the ranks is exactly the mask one process
   would draw, while each rank stores moments and mask for its block only
   (state per rank proportional to density / world size);
-- checkpoints: full_state gathers a parameter's state into the form one
-  process holding the whole model has (a collective), local_state cuts that
-  form down to a rank's block (no communication), so a checkpoint does not
-  depend on the number of ranks.
+- whole-model state: full_state gathers a parameter's state into the form
+  one process holding the whole model has (a collective), local_state cuts
+  that form down to a rank's block (no communication). (Sharded checkpoints
+  need neither: each rank writes its block in the form of optim/spam_dcp.py.)
 
 A mask is stored as a uint8 offset of each kept element inside its block of
 MASK_BLOCK elements plus one int32 count per block: about 1 byte per kept

@@ -241,7 +241,8 @@ class Runner:
             self.say(f"{self._tag(job)}: skipped (done); {self._eta()}")
             return
         ckpts = run_dir / "checkpoints"
-        job.resumed = ckpts.is_dir() and any(ckpts.glob("ckpt_*.pt"))
+        # a checkpoint file, or the folder of a sharded (FSDP) one; not a leftover (.tmp, .old)
+        job.resumed = ckpts.is_dir() and any(not p.name.endswith((".tmp", ".old")) for p in ckpts.glob("ckpt_*"))
         self.say(f"{self._tag(job)}: started{' (resuming from checkpoint)' if job.resumed else ''}"
                  f" -> {run_dir}/train.log")
         rc, tail = self._train(run_dir)

@@ -32,6 +32,9 @@ def test_setconfig_refuses_to_mix_a_different_run_into_its_folder(with_run, kcon
                         r"\(LR=0\.\d+ there\) \(valid: a new OUT_DIR in the same command .*\)", line), line
     # settings that only change logging and checkpoints resume the same run; a new folder is a new run
     kconfig("setconfig", "EVAL_INTERVAL=50", "TENSORBOARD=n", check=True)
+    # BATCH_SIZE too: with another number of processes the global batch may stay the run's
+    # (only the trainer knows the processes: it checks the global batch against the checkpoint)
+    kconfig("setconfig", "BATCH_SIZE=16", check=True)
     kconfig("setconfig", "LR=2e-3", "OUT_DIR=runs/lr-2e-3", check=True)
 
 

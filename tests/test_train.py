@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +12,17 @@ import time
 import pytest
 import torch
 
+from train.checkpoint import list_checkpoints
+from train.sharded_checkpoint import read_full_checkpoint
 from trainutil import REPO, env, kconfig, make_settings, metrics, run_train, train_cmd
 
 
 def final_checkpoint(run):
-    ckpts = sorted((run / "checkpoints").glob("ckpt_*.pt"))
+    """The newest checkpoint in the single-file form (a sharded one of an FSDP run read
+    whole), and the checkpoints oldest first."""
+    ckpts = list_checkpoints(run / "checkpoints")[::-1]
+    if ckpts[-1].is_dir():
+        return read_full_checkpoint(ckpts[-1]), ckpts
     return torch.load(ckpts[-1], weights_only=True), ckpts
 
 
@@ -209,23 +216,26 @@ def test_fsdp_matches_ddp_and_refuses_what_it_cannot_shard(tmp_path):
     a = [rec["loss"] for rec in metrics(tmp_path / "ddp" / "run")]
     b = [rec["loss"] for rec in metrics(tmp_path / "fsdp" / "run")]
     assert len(a) == 5 and a == pytest.approx(b, abs=1e-5)
-    state, _ = final_checkpoint(tmp_path / "fsdp" / "run")  # a full (unsharded) state dict
-    assert state["model"]["transformer.wte.weight"].shape == (50304, 32)
+    state, ckpts = final_checkpoint(tmp_path / "fsdp" / "run")  # sharded: each rank wrote its shards
+    assert sorted(p.name for p in ckpts[-1].iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                           "run_state.pt"]
+    assert state["model"]["transformer.wte.weight"].shape == (50304, 32)  # read whole: the full tensors
+    assert state["world_size"] == 2 and state["global_batch"] == 8
     stable = make_settings(tmp_path / "stable", FSDP="y", OPTIM_STABLE_SPAM="y", **common)
     r = run_train(stable, nproc=2, check=False)
     assert r.returncode != 0 and "Stable-SPAM does not yet handle sharded" in r.stderr
 
 
-def test_fsdp_adamwspam_matches_one_process(tmp_path):
+def test_fsdp_adamwspam_matches_one_process_and_resumes_with_1_2_or_4_processes(tmp_path):
     # AdamWSpam on FSDP2 shards: spikes at 17 and 28 (the gate arms at step 10 and
     # clipping is on from 3 steps after each reset), resets at 12 and 24 with a
     # 4-step warmup after each, sparse moments at density 0.25. No global clip in front
     # (GRAD_CLIP=0): it would scale by 1/norm, and the one-process trainer's float32 norm
     # differs from the sharded float64 one by up to 4e-4 (train/step.py)
-    common = dict(MAX_ITERS=30, CKPT_INTERVAL=0, MONITOR="n", GRAD_CLIP="0.0", SPAM_INTERVAL=12, SPAM_WARMUP_STEPS=4,
+    common = dict(MAX_ITERS=30, MONITOR="n", GRAD_CLIP="0.0", SPAM_INTERVAL=12, SPAM_WARMUP_STEPS=4,
                   SPAM_CLIP_GRACE_STEPS=3, SPAM_DENSITY="0.25", FAULT_INJECTION="y", FAULT_SPIKE_STEPS="17,28")
-    single = make_settings(tmp_path / "one", **common, BATCH_SIZE=8)
-    sharded = make_settings(tmp_path / "fsdp", **common, BATCH_SIZE=4, FSDP="y")
+    single = make_settings(tmp_path / "one", **common, CKPT_INTERVAL=0, BATCH_SIZE=8)
+    sharded = make_settings(tmp_path / "fsdp", **common, CKPT_INTERVAL=20, BATCH_SIZE=4, FSDP="y")
     run_train(single)
     run_train(sharded, nproc=2)
     a, b = metrics(tmp_path / "one" / "run"), metrics(tmp_path / "fsdp" / "run")
@@ -241,10 +251,11 @@ def test_fsdp_adamwspam_matches_one_process(tmp_path):
     assert [r["step"] for r in a if r["spam/reset"]] == [12, 24]
     assert a[16]["spam/clipped_count"] > 0 and a[16]["spam/warmup_scale"] == 1.0
     assert 0 < a[24]["spam/warmup_scale"] < 1  # step 25: inside the warmup after the reset at 24
-    # the sharded run's checkpoint holds what one process's does: the same masks, the
-    # same moments (gathered from the shards), the same step, gate and mask generator
+    # the sharded run's checkpoint, read whole, holds what one process's does: the same
+    # masks, the same moments, the same step, gate and mask generator
     one, _ = final_checkpoint(tmp_path / "one" / "run")
-    two, _ = final_checkpoint(tmp_path / "fsdp" / "run")
+    two, ckpts = final_checkpoint(tmp_path / "fsdp" / "run")
+    assert [p.name for p in ckpts] == ["ckpt_000000020", "ckpt_000000030"]
     sa, sb = one["optimizer"], two["optimizer"]
     assert sa["state"].keys() == sb["state"].keys()
     assert sum("mask_offsets" in state for state in sa["state"].values()) >= 4  # the sparse matrices
@@ -263,6 +274,35 @@ def test_fsdp_adamwspam_matches_one_process(tmp_path):
     # step 30, with plain AdamW too; at step 1 each is off the float64 norm by 3-6e-6:
     # rounding of the 1.6M-element embedding's sum, no error of either)
     assert torch.allclose(sa["spam"]["norm_history"], sb["spam"]["norm_history"], rtol=1e-3, equal_nan=True)
+
+    # Resume the sharded checkpoint of step 20 (what a run stopped after step 20 leaves:
+    # its checkpoints up to there) with 2, 1 and 4 processes, the global batch kept at 8.
+    # Steps 21-30 cross the reset at 24 (masks drawn by the restored generator), its
+    # warmup and the spike at 28.
+    for nproc, batch in ((2, 4), (1, 8), (4, 2)):
+        folder = tmp_path / f"resumed{nproc}"
+        resumed = make_settings(folder, **common, CKPT_INTERVAL=0, BATCH_SIZE=batch, FSDP="y")
+        shutil.copytree(ckpts[0], folder / "run" / "checkpoints" / ckpts[0].name)
+        r = run_train(resumed, nproc=nproc)
+        assert "from ckpt_000000020 (step 20 of 30)" in r.stdout + r.stderr
+        c = metrics(folder / "run")
+        assert [rc["step"] for rc in c] == list(range(21, 31))
+        end, _ = final_checkpoint(folder / "run")  # 1 process: a file; 2 and 4: sharded
+        if nproc == 2:  # the same layout: bitwise what the run never stopped did
+            assert [rc["loss"] for rc in c] == [rb["loss"] for rb in b[20:]]
+            assert all(torch.equal(v, two["model"][k]) for k, v in end["model"].items())
+            for index, other in sb["state"].items():
+                assert all(torch.equal(end["optimizer"]["state"][index][k], v) if torch.is_tensor(v)
+                           else end["optimizer"]["state"][index][k] == v for k, v in other.items())
+        else:  # another layout: float rounding of the reductions only (a loss of 10.3 is 9.5e-7 per ulp)
+            assert all(abs(rc["loss"] - rb["loss"]) <= 1e-6 for rc, rb in zip(c, b[20:])), (nproc, c)
+            assert all(torch.allclose(v, two["model"][k], rtol=0, atol=1e-6) for k, v in end["model"].items())
+        state = end["optimizer"]["state"]
+        assert [rc["spam/reset"] for rc in c].index(1.0) == 3  # step 24
+        for index, other in sb["state"].items():  # the masks drawn at 24 are the uninterrupted run's
+            for name in ("mask_offsets", "mask_counts"):
+                if name in other:
+                    assert torch.equal(state[index][name], other[name]), (nproc, index, name)
 
 
 def test_missing_settings_is_one_clear_line(tmp_path):

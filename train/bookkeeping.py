@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import capture_rng_state, save_checkpoint
 from .distributed import all_reduce_mean
-from .setup import Run
+from .setup import Run, global_batch
 from .step import StepOutcome
 
 
@@ -86,22 +86,31 @@ class Bookkeeper:
             self.t_last = time.perf_counter()
 
     def checkpoint(self, step: int) -> None:
+        """One process or DDP: rank 0 writes one file. FSDP: every rank writes its shards
+        (train/sharded_checkpoint.py); the plain data goes beside them."""
         run = self.run
-        state = {"step": step, "model": _model_state(run), "optimizer": _optimizer_state(run),
-                 "scaler": run.scaler.state_dict(), "rng": capture_rng_state(),
+        state = {"step": step, "scaler": run.scaler.state_dict(), "rng": capture_rng_state(),
                  "nonfinite_total": run.nonfinite_total, "settings": run.cfg.as_dict(),
-                 "elapsed_s": self.elapsed()}
+                 "elapsed_s": self.elapsed(), "world_size": run.info.world_size,
+                 "global_batch": global_batch(run.cfg, run.info.world_size)}
         if run.monitor is not None:
             state["monitor"] = run.monitor.state_dict()
         for name, part in (("clipper", run.clipper), ("skip_step", run.skipper)):
             if part is not None:
                 state[name] = part.state_dict()
-        if run.info.is_main:
-            try:
+        try:
+            if run.fsdp:
+                from .fsdp import sharded_state
+                from .sharded_checkpoint import all_ranks, save_sharded_checkpoint
+                tensors, state["optimizer"] = sharded_state(run.model, run.optimizer)
+                state["rng_per_rank"] = all_ranks(state["rng"], run.info)
+                save_sharded_checkpoint(tensors, state, run.ckpt_dir, step, run.cfg.CKPT_KEEP, run.info)
+            elif run.info.is_main:
+                state.update(model=run.model.state_dict(), optimizer=run.optimizer.state_dict())
                 save_checkpoint(state, run.ckpt_dir, step, run.cfg.CKPT_KEEP)
-            except SystemExit:
-                self.progress.close()  # the one-line error must not land on the progress bar's line
-                raise
+        except SystemExit:
+            self.progress.close()  # the one-line error must not land on the progress bar's line
+            raise
 
     def close(self) -> None:
         self.progress.close()
@@ -135,20 +144,6 @@ def already_complete(run: Run) -> dict | None:
     run.runlog.close()
     done = run.out / "summary.json"
     return json.loads(done.read_text()) if run.info.is_main and done.is_file() else None
-
-
-def _model_state(run: Run):
-    if run.fsdp:
-        from .fsdp import full_model_state
-        return full_model_state(run.model)
-    return run.model.state_dict()
-
-
-def _optimizer_state(run: Run):
-    if run.fsdp:
-        from .fsdp import full_optimizer_state
-        return full_optimizer_state(run.model, run.optimizer)
-    return run.optimizer.state_dict()
 
 
 def _peak_rss_mb() -> float:

@@ -1,15 +1,29 @@
 """Checkpoints that survive crashes: atomic writes, keep-last-K, corrupt-file fallback.
 
-A checkpoint is written to a temporary file in the same folder, flushed and
-fsynced, then renamed over its final name and the folder fsynced, so a kill
-at any instant leaves either the old set of checkpoints or the new one, never
-a half-written file under a checkpoint's name. Older checkpoints are deleted
-only after the new one is safely on disk. A write that fails (a full disk:
-ENOSPC, a quota, an I/O error) removes its temporary file and stops the run with
-one line; the older checkpoints are untouched and `make train` resumes from the
-newest of them. Loading uses
-torch.load(weights_only=True): a checkpoint can hold tensors and plain data,
-never code.
+What is written when (every CKPT_INTERVAL steps, at the last step, and on Ctrl-C or
+SIGTERM):
+
+- one process, or DDP: rank 0 writes one file, `checkpoints/ckpt_NNNNNNNNN.pt`
+  (torch.save of the whole model, optimizer and run state; save_checkpoint);
+- FSDP2: every rank writes its own shards into one folder,
+  `checkpoints/ckpt_NNNNNNNNN/` (torch.distributed.checkpoint, see
+  train/sharded_checkpoint.py), so no rank ever holds the whole state.
+
+A checkpoint is written under a temporary name in the same folder
+(`ckpt_NNNNNNNNN.pt.tmp`, `ckpt_NNNNNNNNN.tmp/`), flushed and fsynced, then
+renamed to its final name and the folder fsynced, so a kill at any instant
+leaves either the old set of checkpoints or the new one, never a half-written
+checkpoint under a checkpoint's name; a temporary left by a kill is removed
+when checkpoints are next loaded. Older checkpoints (of either form) are
+deleted only after the new one is in place, keeping the newest CKPT_KEEP. A
+write that fails (a full disk: ENOSPC, a quota, an I/O error) removes its
+temporary and stops the run with one line; the older checkpoints are untouched
+and `make train` resumes from the newest of them. Loading takes the newest
+checkpoint that reads, reporting each corrupt or truncated one in one line and
+falling back to the next older. Files are read with
+torch.load(weights_only=True) (a sharded checkpoint's index with an unpickler
+that accepts only its own classes): a checkpoint can hold tensors and plain
+data, never code.
 """
 from __future__ import annotations
 
@@ -17,24 +31,57 @@ import errno
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-_NAME = re.compile(r"^ckpt_(\d{9})\.pt$")
+# a file (written by one process) or a folder (sharded, written by all FSDP ranks)
+_NAME = re.compile(r"^ckpt_(\d{9})(\.pt)?$")
+# an interrupted write, or an old checkpoint being deleted
+_LEFTOVER = re.compile(r"^ckpt_\d{9}(\.pt)?\.(tmp|old)$")
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"ckpt_{step:09d}.pt"
 
 
+def sharded_checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"ckpt_{step:09d}"
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints in `folder`, newest (highest step) first."""
+    """Checkpoints in `folder` (files and sharded folders), newest (highest step) first."""
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+    found = [(int(m.group(1)), p.name, p) for p in folder.iterdir()
+             if (m := _NAME.match(p.name)) and (p.is_file() if m.group(2) else p.is_dir())]
+    return [p for _, _, p in sorted(found, reverse=True)]
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove what an interrupted save or deletion left: never a valid checkpoint. (Every
+    rank may call this at once: whoever comes second finds nothing.)"""
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if _LEFTOVER.match(path.name):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints. A folder is renamed first, so that one
+    half deleted by a kill is a leftover, not a checkpoint."""
+    for old in list_checkpoints(folder)[keep:]:
+        if old.is_dir():
+            doomed = old.with_name(old.name + ".old")
+            shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier kill (os.replace needs it gone)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -53,28 +100,36 @@ def save_checkpoint(state: dict, folder: Path, step: int, keep: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(folder, step)
     tmp = final.with_name(final.name + ".tmp")
+    try:
+        write_state_file(state, tmp)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)  # frees the space the partial file took
+        raise CheckpointWriteError(write_failure(final, e)) from None
+    os.replace(tmp, final)
+    _fsync_dir(folder)
+    prune_checkpoints(folder, keep)
+    return final
+
+
+def write_state_file(state: dict, path: Path) -> None:
+    """torch.save(state) into `path`, flushed and fsynced. A failed write raises its
+    OSError ("No space left on device"), not the opaque RuntimeError ("unexpected pos
+    ...") torch.save turns it into."""
     writer = None
     try:
-        with open(tmp, "wb") as f:
+        with open(path, "wb") as f:
             writer = _ErrorKeepingWriter(f)
             torch.save(state, writer)
             f.flush()
             os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)  # frees the space the partial file took
-        cause = writer.error if writer is not None and writer.error is not None else e
-        raise CheckpointWriteError(_write_failure(final, cause)) from None
-    os.replace(tmp, final)
-    _fsync_dir(folder)
-    for old in list_checkpoints(folder)[keep:]:
-        old.unlink(missing_ok=True)
-    return final
+    except RuntimeError:
+        if writer is not None and writer.error is not None:
+            raise writer.error from None
+        raise
 
 
 class _ErrorKeepingWriter:
-    """The file torch.save writes to, remembering the OSError of a failed write: torch
-    replaces it by an opaque RuntimeError ("unexpected pos ..."), and the user needs
-    to read "No space left on device"."""
+    """The file torch.save writes to, remembering the OSError of a failed write."""
 
     def __init__(self, f):
         self._f = f
@@ -91,25 +146,41 @@ class _ErrorKeepingWriter:
         self._f.flush()
 
 
-def _write_failure(final: Path, e: BaseException) -> str:
+def failure_reason(e: BaseException) -> str:
+    """Why a write failed, in a few words: "No space left on device (ENOSPC)"."""
     if isinstance(e, OSError) and e.errno is not None:
-        why = f"{e.strerror or os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})"
-    else:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"{e.strerror or os.strerror(e.errno)} ({errno.errorcode.get(e.errno, e.errno)})"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def write_failure(final: Path, e: BaseException | str) -> str:
+    """The one line a failed checkpoint write stops the run with (e: the error, or its reason)."""
+    why = e if isinstance(e, str) else failure_reason(e)
     older = list_checkpoints(final.parent)
     kept = (f"the previous checkpoints are intact (latest: {older[0].name}); free space, then `make train` "
             "resumes from it") if older else "no earlier checkpoint exists; free space and `make train` again"
     return f"error: could not write checkpoint {final}: {why}; {kept}"
 
 
-def load_latest_checkpoint(folder: Path, map_location="cpu", log=print) -> tuple[dict, Path] | None:
-    """The newest checkpoint that loads; a corrupt one is reported and skipped."""
-    for stale in folder.glob("ckpt_*.pt.tmp") if folder.is_dir() else []:
-        stale.unlink(missing_ok=True)  # an interrupted save; never a valid checkpoint
+def load_latest_checkpoint(folder: Path, map_location="cpu", log=print,
+                           remove_stale: bool = True) -> tuple[dict, Path] | None:
+    """The newest checkpoint that reads, as (state, path); a corrupt one is reported and
+    skipped. A file's state is all of it; a sharded checkpoint's (a folder) is its plain
+    data (step, settings, rng, ...) after its shards were checked to be complete: its
+    tensors are read by train/sharded_checkpoint.py (restore_training_state,
+    restore_weights, read_full_checkpoint). remove_stale: delete the leftovers of
+    interrupted saves first (only a reader that may run beside a training, make
+    sample, leaves them)."""
+    if remove_stale:
+        remove_leftovers(folder)
     candidates = list_checkpoints(folder)
     for i, path in enumerate(candidates):
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            if path.is_dir():
+                from .sharded_checkpoint import read_run_state
+                state = read_run_state(path)
+            else:
+                state = torch.load(path, map_location=map_location, weights_only=True)
             if not isinstance(state, dict) or "step" not in state:
                 raise ValueError("not a training checkpoint")
             return state, path

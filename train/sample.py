@@ -2,7 +2,8 @@
 
 Reads the same settings as `make train` (SAMPLE_PROMPT, SAMPLE_TOKENS,
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K, OUT_DIR) and the newest readable
-checkpoint in OUT_DIR/checkpoints.
+checkpoint in OUT_DIR/checkpoints: a file, or a sharded folder of an FSDP run,
+read whole into one process.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import load_latest_checkpoint
+from .sharded_checkpoint import full_weights
 from .distributed import pick_device
 from .cli import settings_from_argv
 from .families import generate_text
@@ -23,7 +25,8 @@ def main(argv=None) -> int:
         print("error: make sample needs a GPT-2 configuration (CONFIG_MODEL_GPT2=y)", file=sys.stderr)
         return 2
     ckpt_dir = Path(cfg.OUT_DIR) / "checkpoints"
-    restored = load_latest_checkpoint(ckpt_dir, log=lambda m: print(m, file=sys.stderr))
+    # a training may be writing beside us: leave its temporary checkpoint alone
+    restored = load_latest_checkpoint(ckpt_dir, log=lambda m: print(m, file=sys.stderr), remove_stale=False)
     if restored is None:
         print(f"error: no checkpoint in {ckpt_dir}; run `make train` first", file=sys.stderr)
         return 2
@@ -33,7 +36,7 @@ def main(argv=None) -> int:
     device = pick_device(cfg, 0)
     encoding = encoding_for(cfg)  # the run's tokenizer: its vocabulary sizes the model
     model = build_gpt2(cfg, vocab_size=encoding.n_vocab)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(full_weights(state, path))  # a sharded (FSDP) checkpoint is read whole
     model.to(device)
     print(f"# {path} (step {state['step']})", file=sys.stderr)
     print(generate_text(model, encoding, cfg, device))

@@ -20,7 +20,8 @@ from .families import total_iters_for
 from .runlog import RunLog
 from .precision import autocast_factory
 from .schedule import schedule_from_settings
-from scripts.kconfig.schema import RESUMABLE_CHANGES, settings_diff  # noqa: F401  (one rule for setconfig and resume)
+# one rule for setconfig and resume
+from scripts.kconfig.schema import GLOBAL_BATCH_FACTORS, RESUMABLE_CHANGES, settings_diff  # noqa: F401
 
 @dataclass
 class Run:
@@ -133,6 +134,11 @@ def set_up(cfg, info: DistInfo, *, settings_path: Path, config_path: Path, log) 
     return run
 
 
+def global_batch(cfg, world_size: int) -> int:
+    """Samples per optimizer step over all processes."""
+    return cfg.BATCH_SIZE * world_size * cfg.GRAD_ACCUM_STEPS
+
+
 def _resume(run: Run) -> None:
     """Load the newest readable checkpoint of OUT_DIR into the run, if there is one."""
     restored = share_checkpoint(run.info, load_latest_checkpoint(run.ckpt_dir, map_location=run.device,
@@ -140,19 +146,15 @@ def _resume(run: Run) -> None:
     if restored is None:
         return
     state, path = restored
-    changed = settings_diff(state["settings"], run.cfg.as_dict())
-    if changed:
-        raise SystemExit(f"error: {run.out} holds a run with different settings ({', '.join(changed[:6])}"
-                         f"{', ...' if len(changed) > 6 else ''}); set OUT_DIR to a new folder "
-                         "or restore those settings to resume it")
-    if run.fsdp:
-        from .fsdp import load_full_state
-        load_full_state(run.model, run.optimizer, state["model"], state["optimizer"])
-    else:
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+    _check_same_run(run, state)
+    from .sharded_checkpoint import restore_training_state
+    restore_training_state(run.model, run.optimizer, run.fsdp, state, path)
     run.scaler.load_state_dict(state["scaler"])
-    restore_rng_state(state["rng"])
+    # each rank its own generators when the number of ranks is the same (sharded
+    # checkpoints keep every rank's), else rank 0's everywhere
+    per_rank = state.get("rng_per_rank")
+    same_world = per_rank is not None and len(per_rank) == run.info.world_size
+    restore_rng_state(per_rank[run.info.rank] if same_world else state["rng"])
     if run.monitor is not None and "monitor" in state:
         run.monitor.load_state_dict(state["monitor"])
     for name, part in (("clipper", run.clipper), ("skip_step", run.skipper)):
@@ -163,3 +165,26 @@ def _resume(run: Run) -> None:
     run.elapsed_before = state.get("elapsed_s", 0.0)
     run.say(f"resuming {run.out} from {path.name} (step {run.start_step} of {run.total_iters})")
     run.runlog.truncate_after(run.start_step)
+
+
+def _check_same_run(run: Run, state: dict) -> None:
+    """Refuse to resume a checkpoint of another run: settings that differ beyond
+    RESUMABLE_CHANGES, or another global batch. BATCH_SIZE and GRAD_ACCUM_STEPS may
+    change with the number of processes as long as BATCH_SIZE x processes x
+    GRAD_ACCUM_STEPS stays the checkpoint's (the data order depends on the global batch
+    only); checkpoints older than this rule (no global batch recorded) keep them fixed."""
+    saved, now = state["settings"], run.cfg.as_dict()
+    recorded = "global_batch" in state
+    changed = settings_diff(saved, now, ignore=GLOBAL_BATCH_FACTORS if recorded else frozenset())
+    if changed:
+        raise SystemExit(f"error: {run.out} holds a run with different settings ({', '.join(changed[:6])}"
+                         f"{', ...' if len(changed) > 6 else ''}); set OUT_DIR to a new folder "
+                         "or restore those settings to resume it")
+    mine = global_batch(run.cfg, run.info.world_size)
+    if recorded and mine != state["global_batch"]:
+        raise SystemExit(
+            f"error: {run.out} was trained with a global batch of {state['global_batch']} (BATCH_SIZE="
+            f"{saved['BATCH_SIZE']} x {state['world_size']} processes x GRAD_ACCUM_STEPS={saved['GRAD_ACCUM_STEPS']}),"
+            f" this run's is {mine} (BATCH_SIZE={run.cfg.BATCH_SIZE} x {run.info.world_size} processes x "
+            f"GRAD_ACCUM_STEPS={run.cfg.GRAD_ACCUM_STEPS}); set BATCH_SIZE so that the global batch stays "
+            f"{state['global_batch']}, or OUT_DIR to a new folder")

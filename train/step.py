@@ -158,8 +158,8 @@ def _count_nonfinite(run: Run, step: int) -> None:
 
 
 def rollback(run: Run, step: int) -> int:
-    """Spike cluster (seed 000, section 4.1): restore the last checkpoint's weights, reset
-    momentum, and warm up again. Returns the step rolled back to.
+    """Spike cluster (seed 000, section 4.1): restore the last checkpoint's weights (a file
+    or a sharded folder), reset momentum, and warm up again. Returns the step rolled back to.
 
     The step counter and the data position keep going forward: replaying the same
     batches would replay the spikes, so the batches since the checkpoint are skipped
@@ -171,7 +171,8 @@ def rollback(run: Run, step: int) -> int:
         back_to = step
     else:
         state, path = restored
-        run.model.load_state_dict(state["model"])
+        from .sharded_checkpoint import restore_weights
+        restore_weights(run.model, run.fsdp, state, path)  # under FSDP each rank reads its shards
         back_to = state["step"]
         run.say(f"step {step}: spike cluster -> weights rolled back to {path.name} (step {back_to}), "
                 f"momentum reset, data of steps {back_to + 1}-{step} skipped")

@@ -234,7 +234,14 @@ RESUMABLE_CHANGES = frozenset({
     "DIST_TIMEOUT_S", "FAULT_KILL_STEP", "FAULT_KILL_RANK"})
 
 
-def settings_diff(saved, current):
-    """Names of the settings that make `current` a different run from `saved` (both dicts)."""
+# may change on resume with the number of processes, as long as the global batch
+# (BATCH_SIZE x processes x GRAD_ACCUM_STEPS) stays the same: only the trainer knows
+# the number of processes, so it checks that against the checkpoint
+GLOBAL_BATCH_FACTORS = frozenset({"BATCH_SIZE", "GRAD_ACCUM_STEPS"})
+
+
+def settings_diff(saved, current, ignore=frozenset()):
+    """Names of the settings that make `current` a different run from `saved` (both dicts),
+    leaving out the names in `ignore`."""
     keys = sorted(set(saved) | set(current))
-    return [k for k in keys if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+    return [k for k in keys if k not in RESUMABLE_CHANGES and k not in ignore and saved.get(k) != current.get(k)]

@@ -502,7 +502,8 @@ def check_run_folder(kconf, layers):
         saved = load_settings(kept, check_fresh=False).as_dict()
     except SettingsError:
         return  # not ours to judge; the trainer still compares with the checkpoint
-    changed = schema.settings_diff(saved, typed_values(kconf))
+    # the trainer checks the global batch that BATCH_SIZE and GRAD_ACCUM_STEPS make with the processes
+    changed = schema.settings_diff(saved, typed_values(kconf), ignore=schema.GLOBAL_BATCH_FACTORS)
     if not changed:
         return
     effective = _effective(layers)
