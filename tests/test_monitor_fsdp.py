@@ -10,6 +10,7 @@ import torch
 
 from monitor import metrics as M
 from monitor import sharded as SH
+from train.sharded_checkpoint import read_full_checkpoint
 from trainutil import make_settings, metrics, run_train
 
 
@@ -152,3 +153,21 @@ def test_fsdp_spike_guard_decides_what_one_process_does(one_and_sharded):
             assert (tb["gss"], tb["grad_norm"]) == pytest.approx((ta["gss"], ta["grad_norm"]), rel=1e-5)
     summaries = [json.loads((run / "summary.json").read_text()) for run in one_and_sharded]
     assert summaries[0]["spikes"] == summaries[1]["spikes"] == 2
+
+
+def test_fsdp_rollback_restores_the_checkpoint_weights_exactly(tmp_path):
+    # spikes at 7 and 8 make a cluster (more than MONITOR_SPIKE_CLUSTER_K=1): at step 8 every
+    # rank reads its shards of the checkpoint of step 5 back; the run ends there, so its
+    # final checkpoint holds the weights the rollback restored
+    settings = make_settings(tmp_path, MAX_ITERS=8, CKPT_INTERVAL=5, CKPT_KEEP=3, BATCH_SIZE=4, FSDP="y",
+                             MONITOR="y", GRAD_CLIP="0.0", FAULT_INJECTION="y", FAULT_SPIKE_STEPS="7,8",
+                             MONITOR_SPIKE_GUARD="y", MONITOR_SPIKE_CLUSTER_K=1)
+    run_train(settings, nproc=2)
+    run = tmp_path / "run"
+    events = [json.loads(line) for line in (run / "spikes.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["to_step"]) for e in events if e["event"] == "rollback"] == [(8, 5)], events
+    saved, final = (read_full_checkpoint(run / "checkpoints" / f"ckpt_{step:09d}") for step in (5, 8))
+    assert final["step"] == 8
+    assert saved["model"].keys() == final["model"].keys()
+    for name, weight in saved["model"].items():
+        assert torch.equal(final["model"][name], weight), name
