@@ -134,7 +134,7 @@ def plan(methods, scenarios, seeds: int, lr_sweep: bool, preset: str = "gpt-byte
             for seed in range(1, seeds + 1):
                 specs.append((job_name(configuration, scenario), scenario_sets, seed,
                               {"method": method, "scenario": scenario, "lr": lr}))
-        if lr_sweep and lr == BASE_LR and method in METHODS:
+        if lr_sweep and lr == BASE_LR and method not in GATE_METHODS:
             for swept in LRS:
                 if swept == BASE_LR:
                     continue
