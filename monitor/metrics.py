@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from optim.norms import sums_of_squares
+
 # ---------------------------------------------------------------------------
 # Gradient norms
 
@@ -29,18 +31,15 @@ def per_tensor_grad_norms(grads) -> torch.Tensor:
 
     grads: a sequence of tensors or None; a None gradient (parameter unused
     in this step) counts as norm 0 so that positions stay aligned with the
-    parameter list. Uses torch's fused multi-tensor norm (one kernel launch
-    per device/dtype group instead of one per tensor), accumulated in float64:
-    on a CPU the float32 norm of an embedding gradient (a few large rows, a
-    million tiny elements) is off by up to 4e-4 relative, as the tiny squares
-    vanish against a large running sum; float64 makes it exact, and so equal
-    to the sum of the same tensor's blocks under FSDP (monitor.sharded).
+    parameter list. Accurate to float64 (optim.norms: torch's float32 norm of
+    an embedding gradient is off by about 1e-3 on a CPU), and so equal to the
+    sum of the same tensor's blocks under FSDP (monitor.sharded).
     """
     present = [i for i, g in enumerate(grads) if g is not None]
     if not present:
         return torch.zeros(len(grads))
     tensors = [grads[i] for i in present]
-    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).float()
+    norms = sums_of_squares(tensors).sqrt().float()
     if len(present) == len(grads):
         return norms
     out = torch.zeros(len(grads), device=norms.device)
@@ -231,9 +230,9 @@ def update_ratios(before, after):
     ||w_before|| = 0 gives inf (or NaN when it also did not move).
     """
     deltas = torch._foreach_sub([a.float() for a in after], [b.float() for b in before])
-    # float64 sums: a float32 norm of a million-element tensor is off by ~1e-5 relative
-    delta_norms = torch.stack(torch._foreach_norm(deltas, 2, dtype=torch.float64))
-    weight_norms = torch.stack(torch._foreach_norm(before, 2, dtype=torch.float64))
+    # float64-accurate sums (optim.norms): a float32 norm of a million elements is off by ~1e-3
+    delta_norms = sums_of_squares(deltas).sqrt()
+    weight_norms = sums_of_squares(before).sqrt()
     per_tensor = (delta_norms / weight_norms).float()
     total = (torch.linalg.vector_norm(delta_norms) / torch.linalg.vector_norm(weight_norms)).float()
     return per_tensor, total

@@ -30,6 +30,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from optim.norms import sums_of_squares
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed support: nothing is sharded
@@ -67,8 +69,7 @@ def local_squares(tensors, device) -> torch.Tensor:
     out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
     present = [i for i, t in enumerate(tensors) if t is not None]
     if present:
-        norms = torch._foreach_norm([local(tensors[i]) for i in present], 2, dtype=torch.float64)
-        out[present] = torch.stack(norms).square()
+        out[present] = sums_of_squares([local(tensors[i]) for i in present]).to(device)
     return out
 
 

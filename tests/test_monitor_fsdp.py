@@ -17,13 +17,14 @@ from trainutil import make_settings, metrics, run_train
 def test_per_tensor_norms_are_exact_when_tiny_elements_meet_a_large_one():
     # hand-computed: 10^2 + 10^6 * (1e-3)^2 = 101. A float32 running sum of the squares loses
     # the tiny ones against the 100 (torch's CPU norm gives 10.0436, 6e-4 off): the embedding
-    # gradient's shape (a few large rows, a million tiny elements)
+    # gradient's shape (a few large rows, a million tiny elements). optim.norms sums float32
+    # chunks in float64: within a few float32 roundings of the exact value
     flat = torch.full((1_000_000,), 1e-3)
     flat[0] = 10.0
     matrix = flat.reshape(1000, 1000)
     norms = M.per_tensor_grad_norms([flat, None, matrix])
     assert norms.dtype == torch.float32
-    assert norms.tolist() == pytest.approx([math.sqrt(101.0), 0.0, math.sqrt(101.0)], rel=1e-7)
+    assert norms.tolist() == pytest.approx([math.sqrt(101.0), 0.0, math.sqrt(101.0)], rel=5e-7)
 
 
 def _split_rows(t, sizes):

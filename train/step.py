@@ -75,12 +75,12 @@ def global_grad_norm(grads) -> torch.Tensor:
 
 
 def _sharded_grad_norm(grads) -> torch.Tensor:
-    """FSDP2: each rank's float64 sum of squares of its gradient blocks, summed over the
-    ranks (one all-reduce): the whole model's norm, the same on every rank. float64 because
-    a float32 norm of a million-element block is off by up to ~4e-4 relative on a CPU, by a
-    different amount for each way of cutting the tensor into blocks."""
-    blocks = [g.to_local() for g in grads]
-    squares = torch.stack(torch._foreach_norm(blocks, 2, dtype=torch.float64)).square().sum()
+    """FSDP2: each rank's float64-accurate sum of squares of its gradient blocks, summed
+    over the ranks (one all-reduce): the whole model's norm, the same on every rank. A
+    float32 norm of a million-element block is off by about 1e-3 relative on a CPU, by a
+    different amount for each way of cutting the tensor into blocks (optim.norms)."""
+    from optim.norms import sums_of_squares
+    squares = sums_of_squares([g.to_local() for g in grads]).sum()
     torch.distributed.all_reduce(squares, group=grads[0].device_mesh.get_group())
     return squares.sqrt().float()
 
