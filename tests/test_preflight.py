@@ -30,7 +30,9 @@ def test_gpt2_tiny_figures_match_independent_counts(tmp_path, capsys):
     # matmuls at full context and the layer norms it ignores)
     formula = 6 * f["params_non_embedding"] + 12 * cfg.GPT2_N_LAYER * cfg.GPT2_N_EMBD * cfg.GPT2_BLOCK_SIZE
     assert abs(f["flops_per_unit_measured"] / formula - 1) < 0.02
-    assert math.isfinite(f["first_loss"]) and f["step_s"] > 0 and f["peak_rss_bytes"] > f["rss_before_bytes"]
+    # peak RSS is the process's high-water mark: in a test process an earlier test may
+    # already have set it higher than this run takes (under `make check` it is the run's own)
+    assert math.isfinite(f["first_loss"]) and f["step_s"] > 0 and f["peak_rss_bytes"] >= f["rss_before_bytes"] > 0
     assert f["total_iters"] == cfg.MAX_ITERS
     assert f["total_s"] == pytest.approx(cfg.MAX_ITERS * f["step_s"] + f["evaluations"] * cfg.EVAL_BATCHES
                                          * f["eval_batch_s"])
