@@ -127,5 +127,7 @@ def test_a_hung_rank_stops_the_others_after_dist_timeout(tmp_path):
             p.kill()
             p.wait()
     assert rc != 0
-    assert timeout_s - 1 <= waited <= timeout_s + 12, waited  # the timeout, not a closed connection
+    # at least the timeout (not a closed connection), and bounded by it (a loaded machine
+    # needs a few seconds more to raise, log and exit)
+    assert timeout_s - 1 <= waited <= timeout_s + 20, waited
     assert f"another rank died or hung (DIST_TIMEOUT_S={timeout_s})" in output, output[-2000:]
