@@ -2,8 +2,6 @@
 stage, leave the previous checkpoints intact and the newest good one loadable."""
 from __future__ import annotations
 
-import errno
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,7 @@ import torch
 
 from train import checkpoint
 from train.checkpoint import CheckpointWriteError, list_checkpoints, load_latest_checkpoint, save_checkpoint
-from trainutil import sigkill_at_marker
+from trainutil import FullDisk, sigkill_at_marker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,37 +20,12 @@ def _state(step):
     return {"step": step, "model": {"w": torch.full((64, 64), float(step))}}
 
 
-class _FullDisk:
-    """A file whose writes stop with ENOSPC after `room` bytes, as on a full filesystem."""
-
-    def __init__(self, path, mode, room):
-        self._f = open(path, mode)
-        self.room = room
-
-    def write(self, data):
-        n = min(len(data), self.room)
-        self._f.write(bytes(data[:n]))
-        self.room -= n
-        if n < len(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
 def test_full_disk_during_a_write_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
     folder = tmp_path / "checkpoints"
     for step in (1, 2):
         save_checkpoint(_state(step), folder, step, keep=2)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    monkeypatch.setattr(checkpoint, "open", lambda path, mode: _FullDisk(path, mode, room=3000), raising=False)
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode: FullDisk(path, mode, room=3000), raising=False)
     with pytest.raises(CheckpointWriteError) as e:
         save_checkpoint(_state(3), folder, 3, keep=2)
     msg = str(e.value)

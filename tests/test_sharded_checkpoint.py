@@ -6,7 +6,6 @@ shards and the spike guard's rollback. (Resuming with 1, 2 and 4 processes:
 tests/test_train.py::test_fsdp_adamwspam_matches_one_process.)"""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pickle
@@ -24,7 +23,7 @@ from train.checkpoint import CheckpointWriteError, list_checkpoints, load_latest
 from train.distributed import DistInfo
 from train.fsdp import sharded_state
 from train.sharded_checkpoint import read_full_checkpoint, save_sharded_checkpoint
-from trainutil import PY, REPO, env, make_settings, settings_in_process
+from trainutil import PY, REPO, FullDisk, env, make_settings, settings_in_process
 
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -132,35 +131,11 @@ def test_a_kill_before_the_rename_leaves_the_previous_checkpoint(tmp_path, monke
     assert state["step"] == 1 and not (tmp_path / "ckpt_000000002.tmp").exists()
 
 
-class _FullDisk:
-    """A file whose writes stop with ENOSPC after `room` bytes."""
-
-    def __init__(self, path, mode, room):
-        self._f, self.room = open(path, mode), room
-
-    def write(self, data):
-        n = min(len(data), self.room)
-        self._f.write(bytes(memoryview(data)[:n]))
-        self.room -= n
-        if n < len(data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
 def test_a_full_disk_during_a_sharded_write_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
     model, opt = _trained("spam")
     _save(model, opt, tmp_path, 1, keep=1)
     before = {p.name: p.read_bytes() for p in (tmp_path / "ckpt_000000001").iterdir()}
-    monkeypatch.setattr(sharded_checkpoint, "open", lambda path, mode: _FullDisk(path, mode, room=3000),
+    monkeypatch.setattr(sharded_checkpoint, "open", lambda path, mode: FullDisk(path, mode, room=3000),
                         raising=False)
     with pytest.raises(CheckpointWriteError) as e:
         _save(model, opt, tmp_path, 2, keep=1)
@@ -335,18 +310,9 @@ assert all(s["exp_avg"].abs().sum() == 0 for s in local_state(opt))
 
 # rank 1's disk fills up: every rank stops, rank 0 says why in one line
 if rank == 1:
-    class FullDisk:
-        def __init__(self, path, mode):
-            self._f = open(path, mode)
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-        def __getattr__(self, name):
-            return getattr(self._f, name)
-        def __enter__(self):
-            return self
-        def __exit__(self, *exc):
-            self._f.close()
-    sharded_checkpoint.open = FullDisk
+    sys.path.insert(0, "tests")  # run from the repository
+    from trainutil import FullDisk
+    sharded_checkpoint.open = lambda path, mode: FullDisk(path, mode, room=0)
 try:
     save(4)
     raise AssertionError("the save should have failed")

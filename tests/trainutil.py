@@ -1,6 +1,7 @@
 """Helpers for tests that build configurations and run the real trainer in subprocesses."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -108,3 +109,28 @@ def sigkill_at_marker(code: str, args: list[str], marker: Path, timeout: float =
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
     child.stderr.close()
+
+
+class FullDisk:
+    """A file whose writes stop with ENOSPC after `room` bytes, as on a full filesystem:
+    tests put `lambda path, mode: FullDisk(path, mode, room)` in place of a module's open."""
+
+    def __init__(self, path, mode, room=0):
+        self._f, self.room = open(path, mode), room
+
+    def write(self, data):
+        n = min(len(data), self.room)
+        self._f.write(bytes(memoryview(data)[:n]))
+        self.room -= n
+        if n < len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
