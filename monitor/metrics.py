@@ -35,16 +35,7 @@ def per_tensor_grad_norms(grads) -> torch.Tensor:
     an embedding gradient is off by about 1e-3 on a CPU), and so equal to the
     sum of the same tensor's blocks under FSDP (monitor.sharded).
     """
-    present = [i for i, g in enumerate(grads) if g is not None]
-    if not present:
-        return torch.zeros(len(grads))
-    tensors = [grads[i] for i in present]
-    norms = sums_of_squares(tensors).sqrt().float()
-    if len(present) == len(grads):
-        return norms
-    out = torch.zeros(len(grads), device=norms.device)
-    out[present] = norms
-    return out
+    return sums_of_squares(grads).sqrt().float()
 
 
 def global_grad_norm(grads) -> torch.Tensor:

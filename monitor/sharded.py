@@ -31,20 +31,8 @@ import torch
 import torch.distributed as dist
 
 from optim.norms import sums_of_squares
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed support: nothing is sharded
-    DTensor = None
-
-
-def is_sharded(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def local(t):
-    """The rank's block of a DTensor (a view: in-place writes reach the tensor), else t itself."""
-    return t.to_local() if is_sharded(t) else t
+# a DTensor or not, and its rank's block: the same test AdamWSpam's shards use
+from optim.spam_shard import is_sharded, local
 
 
 def shard_group(params):
@@ -66,11 +54,7 @@ def local_squares(tensors, device) -> torch.Tensor:
     """(n,) float64: the sum of squares of each tensor's local block (0 for a None entry).
     Accumulated in float64: the ranks' partial sums then add up to what one process's exact
     sum is, whatever the layout."""
-    out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
-    present = [i for i, t in enumerate(tensors) if t is not None]
-    if present:
-        out[present] = sums_of_squares([local(tensors[i]) for i in present]).to(device)
-    return out
+    return sums_of_squares([local(t) for t in tensors], device)
 
 
 def grad_norms_and_loss(grads, loss, group, device):

@@ -28,8 +28,14 @@ def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def sums_of_squares(tensors) -> torch.Tensor:
-    """(n,) float64: sum(t**2) of each tensor."""
+def sums_of_squares(tensors, device=None) -> torch.Tensor:
+    """(n,) float64: sum(t**2) of each tensor; 0 for a None entry (a parameter without a
+    gradient), so that positions stay aligned with the parameter list. On `device`, else
+    on the first tensor's (the CPU when there is none)."""
+    present = [t for t in tensors if t is not None]
+    if device is None:
+        device = present[0].device if present else torch.device("cpu")
+    zero = torch.zeros((), dtype=torch.float64, device=device)
     if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.stack([sum_of_squares(t) for t in tensors])
+        return zero.reshape(0)
+    return torch.stack([sum_of_squares(t).to(device) if t is not None else zero for t in tensors])
