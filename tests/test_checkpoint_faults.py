@@ -78,29 +78,15 @@ def test_kill_during_the_rename_stage_leaves_a_loadable_latest_checkpoint(tmp_pa
 # The real trainer, with the disk filling up during the checkpoint of step 4.
 TRAIN_WITH_FULL_DISK = """
 import sys
+sys.path.insert(0, "tests")  # run from the repository
 from train import checkpoint
 from train.__main__ import main
+from trainutil import FullDisk
 real_open = open
 def opener(path, mode="r", *args, **kw):
     if str(path).endswith("ckpt_000000004.pt.tmp"):
         return FullDisk(path, mode, room=2000)
     return real_open(path, mode, *args, **kw)
-class FullDisk:
-    def __init__(self, path, mode, room):
-        self._f, self.room = real_open(path, mode), room
-    def write(self, data):
-        n = min(len(data), self.room)
-        self._f.write(bytes(data[:n]))
-        self.room -= n
-        if n < len(data):
-            raise OSError(28, "No space left on device")
-        return n
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-    def __enter__(self):
-        return self
-    def __exit__(self, *exc):
-        self._f.close()
 checkpoint.open = opener
 sys.exit(main(["--settings", sys.argv[1]]))
 """
